@@ -1,0 +1,138 @@
+"""Transformer building blocks: norms, rotary positions, attention, MLP and the block.
+
+Plain single-device modules. Tensor parallelism replaces the `nn.Linear`s named below
+(q/k/v/o, gate/up/down, fc) from `stars_scale.parallel`; nothing here knows about it.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stars_scale.config import ModelConfig
+from stars_scale.model.attention import attend
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.hidden
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv)  # [T, D/2]
+    return freqs.cos().float(), freqs.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama convention) on x [B, H, T, D]; cos/sin [T, D/2]."""
+    T = x.shape[-2]
+    cos = torch.cat([cos[:T], cos[:T]], dim=-1).to(x.dtype)
+    sin = torch.cat([sin[:T], sin[:T]], dim=-1).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.heads
+        self.n_kv = cfg.kv_heads or cfg.heads
+        self.head_dim = cfg.hidden // cfg.heads
+        self.q_proj = nn.Linear(cfg.hidden, self.n_heads * self.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.backend = cfg.attention
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        # Head counts are read off the projections so a tensor-parallel shard (fewer local
+        # heads) runs the same code.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = attend(q, k, v, self.backend, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    if cfg.mlp_hidden is not None:
+        return cfg.mlp_hidden
+    if cfg.mlp == "swiglu":
+        return 64 * ((int(8 * cfg.hidden / 3) + 63) // 64)
+    return 4 * cfg.hidden
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inner = mlp_hidden(cfg)
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
+            self.up_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
+        else:
+            self.up_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
+        self.down_proj = nn.Linear(inner, cfg.hidden, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """One transformer block with `pre`, `sandwich` (Huginn/STARS) or `post` norm placement.
+
+    pre:      x = x + attn(n1(x));        x = x + mlp(n2(x))
+    sandwich: x = n2(x + attn(n1(x)));    x = n4(x + mlp(n3(x)))   (norm on the residual stream)
+    post:     x = n1(x + attn(x));        x = n2(x + mlp(x))
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.placement = cfg.norm_placement
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
+        if self.placement == "sandwich":
+            self.norm3 = make_norm(cfg)
+            self.norm4 = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.placement == "pre":
+            x = x + self.drop(self.attn(self.norm1(x), rope))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        if self.placement == "sandwich":
+            x = self.norm2(x + self.drop(self.attn(self.norm1(x), rope)))
+            return self.norm4(x + self.drop(self.mlp(self.norm3(x))))
+        x = self.norm1(x + self.drop(self.attn(x, rope)))
+        return self.norm2(x + self.drop(self.mlp(x)))
