@@ -29,7 +29,8 @@ class ModelConfig:
     mlp_hidden: Optional[int] = None  # None: 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)
     norm: Literal["rmsnorm", "layernorm"] = "layernorm"
     norm_eps: float = 1e-5
-    norm_placement: Literal["pre", "sandwich", "post"] = "sandwich"
+    # peri: pre-norm plus a norm on each sublayer output before the residual add (Ouro)
+    norm_placement: Literal["pre", "sandwich", "post", "peri"] = "sandwich"
     positions: Literal["rope", "learned"] = "learned"
     rope_base: float = 10000.0
     max_seq_len: int = 64
@@ -48,6 +49,15 @@ class ModelConfig:
     init_std: float = 0.02
     qk_norm: bool = False
     attention: Literal["auto", "sdpa", "math", "flash"] = "auto"
+    # Which of q/k/v projections carry a bias. None: all three follow `bias`. qk: Huginn's
+    # qk_bias; qkv: Qwen2. o_proj and the MLP always follow `bias`.
+    qkv_bias: Optional[Literal["none", "qk", "qkv"]] = None
+    # Huginn applies its final norm (same weights) twice: to the end state before the coda
+    # and after it. Needs final_norm: true.
+    pre_coda_norm: bool = False
+    # Ouro's early-exit gate: Linear(hidden, 1) on the state after each iteration. Kept as an
+    # optional head (LoopedLM.exit_logits); it does not enter the LM loss.
+    exit_gate: bool = False
 
 
 @dataclass
@@ -325,6 +335,8 @@ def validate(cfg: RunConfig) -> None:
     _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _require(m.mlp_hidden is None or m.mlp_hidden >= 1, "model.mlp_hidden", "must be >= 1")
     _require(m.init_state_std is None or m.init_state_std > 0, "model.init_state_std", "must be > 0")
+    _require(not (m.pre_coda_norm and not m.final_norm), "model.pre_coda_norm",
+             "needs model.final_norm: true (it reuses the final norm's weights)")
     _require(not (m.injection == "none" and m.init_state != "embed"), "model.init_state",
              "injection: none needs init_state: embed (otherwise the input never reaches the loop)")
 

@@ -49,15 +49,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def qkv_bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
+    """(q and k have a bias, v has a bias): `qkv_bias` when set, else `bias` for all three."""
+    if cfg.qkv_bias is None:
+        return cfg.bias, cfg.bias
+    return cfg.qkv_bias in ("qk", "qkv"), cfg.qkv_bias == "qkv"
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.heads
         self.n_kv = cfg.kv_heads or cfg.heads
         self.head_dim = cfg.hidden // cfg.heads
-        self.q_proj = nn.Linear(cfg.hidden, self.n_heads * self.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=cfg.bias)
+        qk_b, v_b = qkv_bias_flags(cfg)
+        self.q_proj = nn.Linear(cfg.hidden, self.n_heads * self.head_dim, bias=qk_b)
+        self.k_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=qk_b)
+        self.v_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=v_b)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden, bias=cfg.bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
@@ -108,11 +116,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block with `pre`, `sandwich` (Huginn/STARS) or `post` norm placement.
+    """One transformer block with `pre`, `sandwich` (Huginn/STARS), `post` or `peri` (Ouro) norms.
 
     pre:      x = x + attn(n1(x));        x = x + mlp(n2(x))
     sandwich: x = n2(x + attn(n1(x)));    x = n4(x + mlp(n3(x)))   (norm on the residual stream)
     post:     x = n1(x + attn(x));        x = n2(x + mlp(x))
+    peri:     x = x + n2(attn(n1(x)));    x = x + n4(mlp(n3(x)))   (norm on each sublayer output)
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -122,7 +131,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.norm1 = make_norm(cfg)
         self.norm2 = make_norm(cfg)
-        if self.placement == "sandwich":
+        if self.placement in ("sandwich", "peri"):
             self.norm3 = make_norm(cfg)
             self.norm4 = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -134,5 +143,8 @@ class Block(nn.Module):
         if self.placement == "sandwich":
             x = self.norm2(x + self.drop(self.attn(self.norm1(x), rope)))
             return self.norm4(x + self.drop(self.mlp(self.norm3(x))))
+        if self.placement == "peri":
+            x = x + self.drop(self.norm2(self.attn(self.norm1(x), rope)))
+            return x + self.drop(self.norm4(self.mlp(self.norm3(x))))
         x = self.norm1(x + self.drop(self.attn(x, rope)))
         return self.norm2(x + self.drop(self.mlp(x)))

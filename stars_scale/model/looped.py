@@ -56,6 +56,7 @@ class LoopedLM(nn.Module):
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.lm_head = nn.Linear(h, cfg.vocab_size, bias=False)
+        self.exit_gate = nn.Linear(h, 1, bias=True) if cfg.exit_gate else None
         self.checkpointing = "none"  # set by the trainer: none | loop | block
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
@@ -135,6 +136,8 @@ class LoopedLM(nn.Module):
     def decode(self, s: torch.Tensor) -> torch.Tensor:
         """End state -> logits: coda blocks, final norm, head."""
         x = s
+        if self.cfg.pre_coda_norm:  # Huginn: the final norm's weights, applied before the coda too
+            x = self.final_norm(x)
         for block in self.coda:
             x = self._block(block, x)
         if self.final_norm is not None:
@@ -163,6 +166,12 @@ class LoopedLM(nn.Module):
                 states.append(s.detach())
         return s
 
+    def exit_logits(self, s: torch.Tensor) -> torch.Tensor:
+        """Ouro's early-exit gate on a state s_t: [B, T, 1] logits of the exit probability."""
+        if self.exit_gate is None:
+            raise ValueError("this model has no exit gate (model.exit_gate: false)")
+        return self.exit_gate(s)
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids: torch.Tensor, n_free: int = 0, n_grad: int = 1,
@@ -184,7 +193,8 @@ class LoopedLM(nn.Module):
             "prelude": count(self.prelude),
             "core": count([*self.core, self.adapter, self.state_norm]),
             "coda": count([*self.coda, self.final_norm]),
-            "head": 0 if self.cfg.tie_embeddings else self.lm_head.weight.numel(),
+            "head": (0 if self.cfg.tie_embeddings else self.lm_head.weight.numel())
+            + count([self.exit_gate]),
         }
         counts["total"] = sum(counts.values())
         return counts
