@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, optimizer and schedules."""

@@ -1,0 +1,58 @@
+"""`stars-train --config PATH [--out DIR] [--set key=value ...] [--resume [CKPT]]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stars_scale.cli.common import run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stars-train", description="Train a looped LM with STARS.")
+    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<config name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set stars.lam=0.1 (repeatable)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
+                   help="resume from the latest checkpoint in --out, or from CKPT (a checkpoint or run dir)")
+    p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                   help="stop cleanly with a checkpoint after N steps of this invocation")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        from stars_scale.config import load_config
+        from stars_scale.errors import UserError
+        from stars_scale.train.trainer import Trainer
+
+        cfg = load_config(args.config, args.overrides)
+        if args.stop_after_steps is not None and args.stop_after_steps < 1:
+            raise UserError(f"--stop-after-steps: must be >= 1, got {args.stop_after_steps}")
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        trainer = Trainer(cfg, out, resume=args.resume, stop_after_steps=args.stop_after_steps)
+        result = trainer.run()
+        summary = {k: result.get(k) for k in ("step", "loss", "ce", "rho") if k in result}
+        ds = result.get("depth_scaling")
+        if ds and ds.get("accuracy") is not None:
+            best = max(range(len(ds["depths"])), key=lambda i: ds["accuracy"][i])
+            summary["best_depth"] = ds["depths"][best]
+            summary["best_accuracy"] = ds["accuracy"][best]
+            print("depth    " + " ".join(f"{d:>6d}" for d in ds["depths"]), file=sys.stderr)
+            print("accuracy " + " ".join(f"{a:6.3f}" for a in ds["accuracy"]), file=sys.stderr)
+            print("rho      " + " ".join(f"{r:6.3f}" for r in ds["rho"]), file=sys.stderr)
+        summary["out"] = str(out)
+        if trainer.run_id:
+            summary["mlflow_run_id"] = trainer.run_id
+        print(json.dumps(summary))
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

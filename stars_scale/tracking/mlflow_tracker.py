@@ -1,0 +1,186 @@
+"""MLflow tracking that never stalls or crashes training.
+
+One run per training job. Metrics are queued and a background thread delivers them in batches
+(`MlflowClient.log_batch`); if the tracking server is unreachable the batch stays buffered
+(bounded: the oldest points are dropped with a warning when the buffer is full) and is retried
+with backoff, so the training step never waits on the server. `close()` flushes what it can
+within a timeout.
+
+Default store: a sqlite database in the working directory (`sqlite:///$PWD/mlflow.db`, artifacts
+in `$PWD/mlruns`); `MLFLOW_TRACKING_URI` or `tracking.tracking_uri` overrides it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("stars_scale.tracking")
+
+
+def default_tracking_uri(configured: str | None = None) -> str:
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    for name in ("mlflow", "alembic", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class MlflowTracker:
+    """Async, buffered MLflow logging for one run (create it on the metrics rank only)."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
+                 run_id: str | None = None, tags: dict[str, str] | None = None,
+                 max_buffer: int = 100_000, batch_size: int = 500, flush_interval: float = 1.0,
+                 parent_run_id: str | None = None):
+        _quiet_mlflow()
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if run_id is None:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifact_location = None
+                if tracking_uri.startswith("sqlite:///"):
+                    db = Path(tracking_uri[len("sqlite:///"):])
+                    artifact_location = (db.parent / "mlruns").resolve().as_uri()
+                exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            else:
+                exp_id = exp.experiment_id
+            all_tags = dict(tags or {})
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
+            run_id = run.info.run_id
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+            if tags:
+                for k, v in tags.items():
+                    self.client.set_tag(run_id, k, v)
+        self.run_id = run_id
+        self._mlflow = mlflow
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: deque = deque()
+        self._max_buffer = max_buffer
+        self._batch_size = batch_size
+        self._interval = flush_interval
+        self._dropped = 0
+        self._failures = 0
+        self._delivered = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the worker and flush() both deliver
+        self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ producer side (cheap)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for k, v in metrics.items():
+            if v is None:
+                continue
+            self._queue.put((k, float(v), now, int(step)))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call(lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk),
+                       "log_params")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self._call(lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)), "set_tag")
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log_artifact")
+
+    def _call(self, fn, what: str) -> None:
+        try:
+            fn()
+        except Exception as e:  # tracking must never stop training
+            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues", stacklevel=3)
+
+    # ------------------------------------------------------------------ consumer thread
+
+    def _drain_queue(self) -> None:
+        while True:
+            try:
+                self._pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        overflow = len(self._pending) - self._max_buffer
+        if overflow > 0:
+            for _ in range(overflow):
+                self._pending.popleft()
+            self._dropped += overflow
+            warnings.warn(f"MLflow buffer full: dropped {overflow} oldest metric points", stacklevel=2)
+
+    def _deliver(self) -> bool:
+        from mlflow.entities import Metric
+
+        while self._pending:
+            chunk = [self._pending[i] for i in range(min(self._batch_size, len(self._pending)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in chunk])
+            except Exception as e:
+                self._failures += 1
+                if self._failures == 1 or self._failures % 20 == 0:
+                    warnings.warn(f"MLflow unreachable ({type(e).__name__}); {len(self._pending)} metric points "
+                                  "buffered, retrying", stacklevel=2)
+                return False
+            for _ in chunk:
+                self._pending.popleft()
+            self._delivered += len(chunk)
+            self._failures = 0
+        return True
+
+    def _worker(self) -> None:
+        backoff = self._interval
+        while not self._stop.is_set():
+            with self._lock:
+                self._drain_queue()
+                ok = self._deliver()
+            backoff = self._interval if ok else min(backoff * 2, 10.0)
+            self._stop.wait(backoff)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending) + self._queue.qsize()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Deliver everything queued so far (from the caller's thread). True if all arrived."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self._lock:
+                self._drain_queue()
+                if self._deliver() and self._queue.empty():
+                    return True
+            time.sleep(min(1.0, max(0.0, deadline - time.time())))
+        return False
+
+    def close(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        delivered = self.flush(timeout)
+        if not delivered:
+            warnings.warn(f"MLflow: {self.buffered} metric points could not be delivered", stacklevel=2)
+        self._call(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")

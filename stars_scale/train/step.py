@@ -1,0 +1,66 @@
+"""One microbatch's forward and backward: CE at the sampled depth plus the STARS penalty.
+
+Kept apart from the trainer's bookkeeping so that a parallel engine (pipeline schedule,
+DeepSpeed) can call or replace exactly this piece.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stars_scale.config import StarsConfig
+from stars_scale.data.arithmetic import IGNORE
+from stars_scale.stars.depth import Depth
+from stars_scale.stars.regularizer import combine_loss, core_map_penalty
+
+
+@dataclass
+class MicroResult:
+    loss: float
+    ce: float
+    penalty: float | None
+    rho: float | None
+    tokens: int
+
+
+def autocast_context(dtype: str, device: torch.device):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def penalty_active(stars: StarsConfig, step: int) -> bool:
+    return stars.lam > 0 and step >= stars.warmup_steps
+
+
+def rho_wanted(stars: StarsConfig, step: int) -> bool:
+    return penalty_active(stars, step) or (stars.estimate_every > 0 and step % stars.estimate_every == 0)
+
+
+def estimator_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """Random directions and row subsets: a function of (seed, step, micro), equal on every rank."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63 - 1))
+
+
+def forward_backward(model, batch: dict[str, torch.Tensor], depth: Depth, stars: StarsConfig, *, step: int,
+                     micro: int, seed: int, loss_scale: float, dtype: str = "fp32") -> MicroResult:
+    device = next(model.parameters()).device
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    on = penalty_active(stars, step)
+    with autocast_context(dtype, device):
+        out = model(ids, n_free=depth.n_free, n_grad=depth.n_grad)
+        ce = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        est = None
+        if rho_wanted(stars, step):
+            est = core_map_penalty(model, out.state, out.embedded, stars, create_graph=on,
+                                   generator=estimator_generator(seed, step, micro))
+        loss = combine_loss(ce, est.penalty if (est is not None and on) else None, stars)
+    (loss * loss_scale).backward()
+    return MicroResult(loss=float(loss.detach()), ce=float(ce.detach()),
+                       penalty=None if est is None else float(est.penalty.detach()),
+                       rho=None if est is None else float(est.rho),
+                       tokens=ids.numel())

@@ -1,0 +1,305 @@
+"""The training loop: depth sampling, CE + λ·penalty, AdamW, checkpoints, tracking, evaluation.
+
+Single process here; `stars_scale.parallel` supplies the multi-process pieces (process groups,
+tensor/pipeline-parallel model, ZeRO) through the same loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stars_scale.config import RunConfig, load_config, save_config
+from stars_scale.data.sources import build_task, build_train_source
+from stars_scale.errors import UserError
+from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
+from stars_scale.model.looped import LoopedLM
+from stars_scale.stars.depth import DepthSampler, median_depth
+from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
+from stars_scale.train import checkpoint as ckpt
+from stars_scale.train.optim import build_optimizer, build_scheduler
+from stars_scale.train.step import forward_backward
+from stars_scale.utils import atomic_write, atomic_write_text, flatten_dict
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+class PreemptionFlag:
+    """SIGUSR1 / SIGTERM set a flag; the loop finishes its step, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    @property
+    def raised(self) -> bool:
+        return self.signum is not None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: str | bool | None = None,
+                 stop_after_steps: int | None = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.stop_after_steps = stop_after_steps
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.resume_from = self._resolve_resume(resume)
+        self._prepare_out_dir()
+
+        torch.manual_seed(cfg.seed)
+        self.model = LoopedLM(cfg.model).to(self.device)
+        self.model.checkpointing = cfg.train.checkpointing
+        self.task = build_task(cfg)
+        self.source = build_train_source(cfg)
+        self.sampler = DepthSampler(cfg.depth, cfg.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
+        self.step = 0
+        self.tokens_seen = 0
+        self.run_id: str | None = None
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+        self.tracker: MlflowTracker | None = None
+        self.preempt = PreemptionFlag()
+
+    # ------------------------------------------------------------------ setup
+
+    def _resolve_resume(self, resume: str | bool | None) -> Path | None:
+        if not resume:
+            return None
+        if resume is True:
+            latest = ckpt.latest_checkpoint(self.out)
+            if latest is None:
+                raise UserError(f"--resume: no complete checkpoint in {self.out / 'checkpoints'} to resume from")
+            return latest
+        return ckpt.resolve_checkpoint(resume)
+
+    def _prepare_out_dir(self) -> None:
+        if self.resume_from is None and ckpt.list_checkpoints(self.out):
+            raise UserError(f"{self.out}: already holds checkpoints; pass --resume to continue that run "
+                            "or choose another --out (nothing is overwritten)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+
+    def _load(self, path: Path) -> None:
+        state = ckpt.load_state(path)
+        saved_cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
+        if saved_cfg is not None and saved_cfg.model != self.cfg.model:
+            raise UserError(f"{path}: the checkpoint's model config differs from this run's model config")
+        self.model.load_state_dict(ckpt.load_tensor_file(path / "model.pt"))
+        self.optimizer.load_state_dict(ckpt.load_tensor_file(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(ckpt.load_tensor_file(path / "rng.pt"))
+        self.source.load_state_dict(state["data"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.run_id = state.get("mlflow_run_id")
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+    def _start_tracking(self) -> None:
+        t = self.cfg.tracking
+        if not t.mlflow:
+            return
+        uri = default_tracking_uri(t.tracking_uri)
+        tags = {"stars.git_commit": git_commit() or "unknown",
+                "stars.layout": f"tp{self.cfg.parallel.tp}-pp{self.cfg.parallel.pp}-dp1-zero{self.cfg.parallel.zero}",
+                "stars.out_dir": str(self.out.resolve())}
+        if os.environ.get("SLURM_JOB_ID"):
+            tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
+        fresh = self.run_id is None
+        self.tracker = MlflowTracker(uri, t.experiment, run_name=t.run_name or self.out.name, run_id=self.run_id,
+                                     tags=tags, parent_run_id=os.environ.get("STARS_MLFLOW_PARENT_RUN_ID"))
+        self.run_id = self.tracker.run_id
+        if fresh:
+            self.tracker.log_params(flatten_dict(self.cfg.to_dict()))
+            self.tracker.log_artifact(self.out / "config.yaml")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        def write(tmp: Path) -> None:
+            ckpt.save_tensor_file(self.model.state_dict(), tmp / "model.pt")
+            ckpt.save_tensor_file(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_tensor_file(torch.get_rng_state(), tmp / "rng.pt")
+            save_config(self.cfg, tmp / "config.yaml")
+
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                 "data": self.source.state_dict(), "mlflow_run_id": self.run_id,
+                 "layout": {"tp": 1, "pp": 1, "dp": 1}, "time": time.time()}
+        return ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ loop
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        depth = self.sampler.sample(self.step)
+        t0 = time.perf_counter()
+        self.model.train()
+        accum = cfg.train.grad_accum
+        sums = {"loss": 0.0, "ce": 0.0}
+        pens, rhos, tokens = [], [], 0
+        for micro in range(accum):
+            r = forward_backward(self.model, self.source.next_batch(), depth, cfg.stars, step=self.step,
+                                 micro=micro, seed=cfg.seed, loss_scale=1.0 / accum, dtype=cfg.train.dtype)
+            sums["loss"] += r.loss / accum
+            sums["ce"] += r.ce / accum
+            tokens += r.tokens
+            if r.rho is not None:
+                pens.append(r.penalty)
+                rhos.append(r.rho)
+        clip = cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.step += 1
+        self.tokens_seen += tokens
+        return {
+            "step": self.step, "loss": sums["loss"], "ce": sums["ce"],
+            "penalty": sum(pens) / len(pens) if pens else None, "rho": sum(rhos) / len(rhos) if rhos else None,
+            "depth": depth.total, "n_grad": depth.n_grad, "lr": lr, "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / dt, "tokens": self.tokens_seen, "step_time": dt,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        batch = self.task.test_batch(limit=self.cfg.eval.samples)
+        res = depth_sweep(self.model, batch, [median_depth(self.cfg.depth)], rho_iters=1, rho_samples=1,
+                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.seed)
+        return {"val_acc": res["accuracy"][0], "val_loss": res["loss"][0]}
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+
+    def evaluate_depths(self) -> dict | None:
+        e = self.cfg.eval
+        if not e.depths:
+            return None
+        results = depth_sweep(self.model, self.task.test_batch(limit=e.samples), e.depths, rho_iters=e.rho_iters,
+                              batch_size=e.batch_size, seed=self.cfg.seed)
+        results["step"] = self.step
+        jpath, ppath = write_depth_scaling(results, self.out, title=f"{self.out.name} @ step {self.step}")
+        if self.tracker is not None:
+            for i, d in enumerate(results["depths"]):
+                m = {"eval_loss": results["loss"][i], "eval_rho": results["rho"][i],
+                     "eval_delta_h": results["delta_h"][i]}
+                if results["accuracy"] is not None:
+                    m["eval_accuracy"] = results["accuracy"][i]
+                self.tracker.log_metrics(m, step=d)
+            self.tracker.log_artifact(jpath)
+            self.tracker.log_artifact(ppath)
+        return results
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._start_tracking()
+        self.preempt.install()
+        status = "FAILED"
+        last: dict[str, Any] = {}
+        bar = None
+        try:
+            if cfg.train.progress and self.step < cfg.train.steps:
+                from tqdm import tqdm
+
+                bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                           file=sys.stderr, mininterval=1.0)
+            steps_this_run = 0
+            stopped_early = False
+            while self.step < cfg.train.steps:
+                last = self.train_step()
+                steps_this_run += 1
+                if not math.isfinite(last["loss"]):
+                    raise UserError(f"training diverged at step {self.step}: loss is {last['loss']} "
+                                    "(lower optim.lr or stars.lam)")
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    last.update(self.validate())
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    self._log(last)
+                if bar is not None:
+                    post = {"loss": f"{last['loss']:.3f}", "r": last["depth"], "tok/s": f"{last['tokens_per_s']:.0f}"}
+                    if last["rho"] is not None:
+                        post["rho"] = f"{last['rho']:.3f}"
+                    if "val_acc" in last:
+                        post["acc"] = f"{last['val_acc']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if self.preempt.raised or (self.stop_after_steps and steps_this_run >= self.stop_after_steps):
+                    stopped_early = self.step < cfg.train.steps
+                    break
+            if bar is not None:
+                bar.close()
+                bar = None
+            self.save()
+            if stopped_early:
+                status = "KILLED" if self.preempt.raised else "FINISHED"
+                if self.preempt.raised:
+                    self._requeue()
+                return {"step": self.step, "stopped_early": True, **last}
+            results = self.evaluate_depths()
+            status = "FINISHED"
+            return {"step": self.step, "stopped_early": False, "depth_scaling": results, **last}
+        finally:
+            if bar is not None:
+                bar.close()
+            self.preempt.restore()
+            if self.tracker is not None:
+                # a preempted run stays RUNNING in MLflow: the requeued job continues it
+                self.tracker.close(status="RUNNING" if self.preempt.raised else status)
+
+    def _requeue(self) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        name = signal.Signals(self.preempt.signum).name
+        if not job:
+            print(f"stopped by {name} at step {self.step}; checkpoint saved, resume with --resume", file=sys.stderr)
+            return
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        msg = "requeued" if res.returncode == 0 else f"requeue failed: {res.stderr.strip()}"
+        print(f"stopped by {name} at step {self.step}; checkpoint saved; job {job} {msg}", file=sys.stderr)
