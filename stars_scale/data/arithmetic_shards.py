@@ -1,0 +1,88 @@
+"""`stars-data arithmetic`: the foundation's addition task written as shards in the common format.
+
+The trainer then reads arithmetic and text through one loader. A problem of `T = 3n + 5` tokens
+(`ArithmeticTask.encode`) becomes one block of `block_len = T`, so `seq_len = T - 1`: the loader's
+`input_ids = block[:-1]` drops only the final EOS, whose label is always ignored, and the
+answer-only labels are kept as a loss mask (`mask[t] = 1` where the task's `labels[t]` is a
+target; then `labels[t] == block[t + 1]`). Causal attention makes the logits at positions
+0..T-2 identical to those of the full sequence, so accuracy and loss are unchanged.
+
+Training problems are the task's fresh draws (`train_batch(step=i, ...)`, chunk by chunk),
+which never hit the test set; the `val` split is the task's fixed test set.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stars_scale.data import shards as fmt
+from stars_scale.errors import UserError
+
+CHUNK = 4096  # problems per train_batch call; part of the definition of the sample stream
+
+
+@dataclass
+class ArithmeticOptions:
+    out: str
+    digits: int = 3
+    samples: int = 100_000
+    test_size: int = 512
+    seed: int = 0
+    reverse_answer: bool = True
+    shard_size: int = 64 * 10**6
+    blocks_per_shard: int | None = None
+    overwrite: bool = False
+
+
+def _blocks(batch) -> tuple[np.ndarray, np.ndarray]:
+    from stars_scale.data.arithmetic import IGNORE
+
+    tokens = batch["input_ids"].numpy()
+    labels = batch["labels"].numpy()
+    mask = labels[:, :-1] != IGNORE
+    if (labels[:, -1] != IGNORE).any() or not (labels[:, :-1][mask] == tokens[:, 1:][mask]).all():
+        raise AssertionError("ArithmeticTask labels are not next-token targets; the shard layout needs updating")
+    return tokens, mask.astype(np.uint8)
+
+
+def write_arithmetic(opts: ArithmeticOptions) -> fmt.Manifest:
+    from stars_scale.data.arithmetic import VOCAB, VOCAB_SIZE, ArithmeticTask
+
+    if opts.samples < 1:
+        raise UserError(f"--samples must be >= 1, got {opts.samples}")
+    try:
+        task = ArithmeticTask(digits=opts.digits, seed=opts.seed, test_size=opts.test_size,
+                              reverse_answer=opts.reverse_answer)
+    except ValueError as e:
+        raise UserError(str(e).replace("data.test_size", "--test-size")) from None
+    block_len = task.seq_len
+    dtype = fmt.dtype_for_vocab(VOCAB_SIZE)
+    per_block = fmt.block_tar_bytes(block_len, dtype, has_mask=True)
+    bps = opts.blocks_per_shard or max(1, opts.shard_size // per_block)
+    with fmt.StagedOutput(opts.out, overwrite=opts.overwrite) as staged:
+        splits: dict[str, fmt.SplitInfo] = {}
+        w = fmt.ShardWriter(staged.path, "train", block_len=block_len, dtype=dtype, has_mask=True, blocks_per_shard=bps)
+        for step, start in enumerate(range(0, opts.samples, CHUNK)):
+            tokens, mask = _blocks(task.train_batch(step=step, micro=0, batch_size=min(CHUNK, opts.samples - start)))
+            w.write(tokens, mask)
+        splits["train"] = fmt.SplitInfo(w.finish(), opts.samples * block_len, 0, opts.samples)
+        if opts.test_size:
+            w = fmt.ShardWriter(staged.path, "val", block_len=block_len, dtype=dtype, has_mask=True, blocks_per_shard=bps)
+            tokens, mask = _blocks(task.test_batch())
+            w.write(tokens, mask)
+            splits["val"] = fmt.SplitInfo(w.finish(), len(tokens) * block_len, 0, len(tokens))
+        vocab_blob = json.dumps(VOCAB).encode()
+        manifest = fmt.Manifest(
+            kind="arithmetic", seq_len=block_len - 1, dtype=dtype, vocab_size=VOCAB_SIZE, eos_id=VOCAB.index("<eos>"),
+            has_mask=True, tokenizer={"name": "arithmetic", "vocab": VOCAB, "sha256": hashlib.sha256(vocab_blob).hexdigest()},
+            splits=splits,
+            extra={"arithmetic": {"digits": opts.digits, "seed": opts.seed, "test_size": opts.test_size,
+                                  "reverse_answer": opts.reverse_answer, "chunk": CHUNK},
+                   "settings": {"blocks_per_shard": bps}})
+        fmt.write_manifest(staged.path, manifest)
+    manifest.directory = Path(opts.out)
+    return manifest
