@@ -59,9 +59,9 @@ class HFDir:
                             f"needs config.json next to its *.safetensors files)")
         self.config_path = cfg_path
         self.config = read_json(cfg_path)
-        self.files = self._index()  # tensor name -> file name (relative to self.path)
         self._handles: dict[str, Any] = {}
         self._used: set[str] = set()
+        self.files = self._index()  # tensor name -> file name (relative to self.path)
 
     # ------------------------------------------------------------------ index
 

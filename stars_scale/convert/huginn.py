@@ -1,0 +1,276 @@
+"""Huginn (`huginn_raven`, seal-rg/recurrent-pretraining `recpre/raven_modeling_minimal.py`).
+
+The raven forward, as that file defines it:
+
+    e   = prelude(wte(x) * embed_scale)                    embed_scale = sqrt(n_embd)
+    s_0 = trunc_normal(std, ±3 std) * embed_scale           std = sqrt(2 / (5 n_embd))
+    s_t = core_block(adapter(cat[s_{t-1}, e]))              adapter: Linear(2h -> h)
+    y   = lm_head(ln_f(coda(ln_f(s_r))))                    ln_f used twice, same weights
+
+with SandwichBlocks  x = norm_2(x + attn(norm_1(x)));  x = norm_4(x + mlp(norm_3(x))),
+a fused `Wqkv` (chunks [n_embd, kv*hd, kv*hd]), a per-head `qk_bias` [2, 1, H, hd] added to q
+and k before RoPE, interleaved ("complex-like") RoPE with base `rope_base`, a fused gated MLP
+`fc` (first half -> SiLU gate, second half -> up) and `proj`, RMSNorm (fp32 inside).
+Training depth: r = Poisson(LogNormal(ln(mean_recurrence) - 1/8, 1/2)) + 1 with gradients
+through the last `mean_backprop_depth` iterations; evaluation runs `mean_recurrence` iterations.
+
+Mapped onto LoopedLM: sandwich blocks, concat-linear injection, random initial state,
+`pre_coda_norm: true`, `qkv_bias: qk`; the fused matrices are split, the RoPE layout is turned
+into rotate-half by permuting q/k rows (see rope_layout.py), and the persistent `freqs_cis`
+buffer is recomputed (it is derived from rope_base and block_size).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from stars_scale.config import DepthConfig, ModelConfig, RunConfig
+from stars_scale.convert.hfdir import HFDir
+from stars_scale.convert.rope_layout import half_to_interleaved, interleaved_to_half
+from stars_scale.errors import UserError
+from stars_scale.stars.depth import median_depth
+
+MODEL_TYPE = "huginn_raven"
+ARCH = "RavenForCausalLM"
+# RavenConfig's fixed class names: other values name variants the minimal file does not build.
+FIXED = {
+    "block_class_name": "SandwichBlock",
+    "norm_class_name": "RMSNorm_llama",
+    "mlp_class_name": "GatedMLP",
+    "nonlin_name": "SiLU",
+    "injection_type": "linear",
+}
+SIGMA = 0.5  # raven's randomized_iteration_sampler
+
+
+def derived_init_values(n_embd: int) -> dict[str, float]:
+    """RavenConfig.init_values without the depth-dependent `out_proj` entry."""
+    return {"std": math.sqrt(2 / (5 * n_embd)), "embedding": math.sqrt(2 / (5 * n_embd)),
+            "embed_scale": math.sqrt(n_embd)}
+
+
+def _block_names(prefix: str) -> dict[str, str]:
+    return {
+        "norm_1": f"{prefix}.norm_1.weight", "norm_2": f"{prefix}.norm_2.weight",
+        "norm_3": f"{prefix}.norm_3.weight", "norm_4": f"{prefix}.norm_4.weight",
+        "Wqkv": f"{prefix}.attn.Wqkv.weight", "qk_bias": f"{prefix}.attn.qk_bias",
+        "proj": f"{prefix}.attn.proj.weight", "fc": f"{prefix}.mlp.fc.weight",
+        "mlp_proj": f"{prefix}.mlp.proj.weight",
+    }
+
+
+_PARTS = (("prelude", "prelude"), ("core_block", "core"), ("coda", "coda"))
+
+
+def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    cp = src.config_path
+    mt = src.config.get("model_type")
+    archs = src.config.get("architectures") or []
+    if mt != MODEL_TYPE and ARCH not in archs:
+        raise UserError(f"{cp}: model_type {mt!r} is not {MODEL_TYPE!r} (architectures {archs}); "
+                        f"not a Huginn/raven checkpoint")
+    for key, want in FIXED.items():
+        got = src.cfg(key, want, str)
+        if got != want:
+            raise UserError(f"{cp}: {key}={got!r} is not supported (the raven format builds {want!r})")
+    if float(src.cfg("test_time_noise", 0, (int, float))) != 0:
+        raise UserError(f"{cp}: test_time_noise > 0 is not supported (LoopedLM injects no noise)")
+    if src.cfg("bias", False, bool):
+        raise UserError(f"{cp}: bias=true (a bias on the adapter only) is not supported")
+
+    h = src.cfg("n_embd", types=int)
+    H = src.cfg("n_heads", src.config.get("num_attention_heads", ...), int)
+    if h % H:
+        raise UserError(f"{cp}: n_embd {h} is not divisible by n_heads {H}")
+    hd = h // H
+    if src.cfg("head_dim", hd, int) != hd:
+        raise UserError(f"{cp}: head_dim {src.config['head_dim']} != n_embd // n_heads = {hd}")
+    kv = src.cfg("num_key_value_heads", H, int)
+    if kv < 1 or H % kv:
+        raise UserError(f"{cp}: num_key_value_heads {kv} does not divide n_heads {H}")
+    qk_bias = src.cfg("qk_bias", True, bool)
+    if qk_bias and kv != H:
+        raise UserError(f"{cp}: qk_bias with num_key_value_heads {kv} != n_heads {H} cannot run in "
+                        f"raven (the bias is shaped per query head)")
+    inter = src.cfg("intermediate_size", types=int)
+    V = src.cfg("padded_vocab_size", src.cfg("vocab_size", types=int), int)
+    n_pre = src.cfg("n_layers_in_prelude", 2, int)
+    n_core = src.cfg("n_layers_in_recurrent_block", 4, int)
+    n_coda = src.cfg("n_layers_in_coda", 2, int)
+    if n_core < 1:
+        raise UserError(f"{cp}: n_layers_in_recurrent_block must be >= 1, got {n_core}")
+    if "n_layers" in src.config and src.cfg("n_layers", types=int) != n_pre + n_core + n_coda:
+        raise UserError(f"{cp}: n_layers {src.config['n_layers']} != prelude {n_pre} + recurrent "
+                        f"{n_core} + coda {n_coda}")
+    tie = src.cfg("tie_embeddings", src.cfg("tie_word_embeddings", True, bool), bool)
+    iv = dict(derived_init_values(h))
+    given_iv = src.cfg("init_values", {}, dict)  # the JSON value wins in RavenConfig, as here
+    for k in ("std", "embed_scale"):
+        if k in given_iv:
+            if not isinstance(given_iv[k], (int, float)) or isinstance(given_iv[k], bool):
+                raise UserError(f"{cp}: init_values.{k}={given_iv[k]!r} is not a number")
+            iv[k] = float(given_iv[k])
+    embed_scale = iv["embed_scale"]
+    std = iv["std"]
+    if std < 0:
+        raise UserError(f"{cp}: init_values.std must be >= 0, got {std}")
+    mean_rec = src.cfg("mean_recurrence", 32, int)
+    backprop = src.cfg("mean_backprop_depth", 8, int)
+    if mean_rec < 1 or backprop < 1:
+        raise UserError(f"{cp}: mean_recurrence and mean_backprop_depth must be >= 1")
+
+    model = ModelConfig(
+        vocab_size=V, hidden=h, heads=H, kv_heads=None if kv == H else kv,
+        mlp="swiglu", mlp_hidden=inter, norm="rmsnorm",
+        norm_eps=float(src.cfg("norm_eps", 1e-6, (int, float))), norm_placement="sandwich",
+        positions="rope", rope_base=float(src.cfg("rope_base", 50_000, (int, float))),
+        max_seq_len=src.cfg("block_size", 4096, int),
+        n_prelude=n_pre, n_core=n_core, n_coda=n_coda, injection="concat-linear",
+        init_state="random" if std > 0 else "zero",
+        # None: LoopedLM's default sqrt(2/(5h)) * embed_scale, which is raven's std * embed_scale
+        init_state_std=None if std == 0 or math.isclose(std, derived_init_values(h)["std"], rel_tol=1e-12)
+        else std * embed_scale,
+        state_norm=False, final_norm=True, pre_coda_norm=True, tie_embeddings=tie,
+        embed_scale=embed_scale, bias=False, qkv_bias="qk" if qk_bias else "none",
+        dropout=0.0, init_std=derived_init_values(h)["embedding"],
+    )
+    depth = DepthConfig(dist="poisson-lognormal", mean=float(mean_rec), sigma=SIGMA, min=1,
+                        max=max(100, 8 * mean_rec), backprop=backprop, eval_depth=mean_rec)
+    run = RunConfig(model=model, depth=depth)
+
+    sd: dict[str, torch.Tensor] = {}
+    sd["embed.weight"] = src.get("transformer.wte.weight", (V, h), f"vocab {V} x n_embd {h}")
+    qkv_rows = (H + 2 * kv) * hd
+    for raven_part, ours, n in ((p, o, c) for (p, o), c in zip(_PARTS, (n_pre, n_core, n_coda))):
+        for i in range(n):
+            nm = _block_names(f"transformer.{raven_part}.{i}")
+            dst = f"{ours}.{i}"
+            for j in (1, 2, 3, 4):
+                sd[f"{dst}.norm{j}.weight"] = src.get(nm[f"norm_{j}"], (h,))
+            wqkv = src.get(nm["Wqkv"], (qkv_rows, h), f"(n_heads + 2 kv_heads) * head_dim x n_embd")
+            q, k, v = wqkv.split([H * hd, kv * hd, kv * hd], dim=0)
+            sd[f"{dst}.attn.q_proj.weight"] = interleaved_to_half(q, hd)
+            sd[f"{dst}.attn.k_proj.weight"] = interleaved_to_half(k, hd)
+            sd[f"{dst}.attn.v_proj.weight"] = v
+            if qk_bias:
+                b = src.get(nm["qk_bias"], (2, 1, H, hd), "qk_bias=true in config.json")
+                sd[f"{dst}.attn.q_proj.bias"] = interleaved_to_half(b[0, 0].reshape(H * hd), hd)
+                sd[f"{dst}.attn.k_proj.bias"] = interleaved_to_half(b[1, 0].reshape(H * hd), hd)
+            sd[f"{dst}.attn.o_proj.weight"] = src.get(nm["proj"], (h, h))
+            fc = src.get(nm["fc"], (2 * inter, h), "2 * intermediate_size x n_embd")
+            gate, up = fc.chunk(2, dim=0)
+            sd[f"{dst}.mlp.gate_proj.weight"] = gate
+            sd[f"{dst}.mlp.up_proj.weight"] = up
+            sd[f"{dst}.mlp.down_proj.weight"] = src.get(nm["mlp_proj"], (h, inter))
+    sd["adapter.weight"] = src.get("transformer.adapter.weight", (h, 2 * h))
+    sd["final_norm.weight"] = src.get("transformer.ln_f.weight", (h,))
+    if tie:
+        src.skip("lm_head.weight")  # raven ties it to wte on load
+    else:
+        sd["lm_head.weight"] = src.get("lm_head.weight", (V, h), "tie_embeddings=false")
+    src.skip("freqs_cis")  # persistent but derived from rope_base and block_size
+    src.require_all_used("huginn_raven")
+    notes = {"sampling_scheme": src.config.get("sampling_scheme"),
+             "rope": "interleaved in the source; q/k rows permuted to rotate-half"}
+    return run, sd, notes
+
+
+# ---------------------------------------------------------------------- export
+
+
+def _explain(problems: list[str], fmt: str) -> None:
+    if problems:
+        raise UserError(f"this model cannot be written as {fmt}: " + "; ".join(problems)
+                        + " (use --to hf for any LoopedLM)")
+
+
+def raven_freqs_cis(head_dim: int, block_size: int, base: float) -> torch.Tensor:
+    """raven's persistent buffer [1, T, 1, D/2, 2] (cos, sin), computed as raven does (fp32)."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    t = torch.arange(block_size, dtype=torch.float32)
+    freqs = torch.outer(t, inv).float()
+    return torch.stack([torch.cos(freqs)[None, :, None, :], torch.sin(freqs)[None, :, None, :]], dim=4)
+
+
+def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    m = run.model
+    problems = []
+    checks = [
+        (m.norm == "rmsnorm", "model.norm must be rmsnorm"),
+        (m.norm_placement == "sandwich", "model.norm_placement must be sandwich"),
+        (m.mlp == "swiglu", "model.mlp must be swiglu"),
+        (m.positions == "rope", "model.positions must be rope"),
+        (m.injection == "concat-linear", "model.injection must be concat-linear"),
+        (m.init_state in ("random", "zero"), "model.init_state must be random or zero"),
+        (not m.state_norm, "model.state_norm must be false"),
+        (m.final_norm and m.pre_coda_norm, "model.final_norm and model.pre_coda_norm must be true"),
+        (not m.bias, "model.bias must be false"),
+        (m.qkv_bias in ("qk", "none") or (m.qkv_bias is None and not m.bias),
+         "model.qkv_bias must be qk or none"),
+        (not m.qk_norm, "model.qk_norm must be false"),
+        (not m.exit_gate, "model.exit_gate must be false"),
+        (m.hidden % m.heads == 0, "hidden must be divisible by heads"),
+    ]
+    problems = [msg for ok, msg in checks if not ok]
+    kv = m.kv_heads or m.heads
+    qk_bias = m.qkv_bias == "qk"
+    if qk_bias and kv != m.heads:
+        problems.append("qkv_bias qk needs kv_heads == heads in raven")
+    _explain(problems, "huginn_raven")
+    h, H, hd = m.hidden, m.heads, m.hidden // m.heads
+    inter = sd["core.0.mlp.up_proj.weight"].shape[0]
+    d = run.depth
+    mean_rec = int(round(d.mean)) if d.dist == "poisson-lognormal" else median_depth(d)
+    backprop = d.backprop if d.backprop is not None else mean_rec
+    iv = derived_init_values(h)
+    if m.init_state == "zero":
+        iv["std"] = 0.0
+    elif m.init_state_std is not None:
+        iv["std"] = m.init_state_std / m.embed_scale
+    iv["embed_scale"] = m.embed_scale
+    n_layers = m.n_prelude + m.n_core + m.n_coda
+    eff = m.n_prelude + m.n_coda + m.n_core * mean_rec
+    iv["out_proj"] = math.sqrt(2 / (5 * h)) / math.sqrt(2 * eff)
+    dtype = sd["embed.weight"].dtype
+    config = {
+        "architectures": [ARCH], "model_type": MODEL_TYPE,
+        "n_embd": h, "n_heads": H, "num_key_value_heads": kv, "head_dim": hd, "n_layers": n_layers,
+        "block_size": m.max_seq_len, "vocab_size": m.vocab_size, "padded_vocab_size": m.vocab_size,
+        "padding_multiple": 4096, "tie_embeddings": m.tie_embeddings,
+        "tie_word_embeddings": m.tie_embeddings, "intermediate_size": int(inter), "bias": False,
+        "architecture_class_name": "RecurrentGPT", **FIXED, "norm_eps": m.norm_eps,
+        "init_strategy": "takase", "init_orthogonal": False, "state_init": "like-init",
+        "n_layers_in_recurrent_block": m.n_core, "mean_recurrence": mean_rec,
+        "sampling_scheme": "poisson-lognormal-filling", "mean_backprop_depth": backprop,
+        "n_layers_in_prelude": m.n_prelude, "n_layers_in_coda": m.n_coda, "qk_bias": qk_bias,
+        "activation_checkpoint_impl": "per-iteration", "rope_base": m.rope_base,
+        "torch_dtype": str(dtype).replace("torch.", ""), "effective_expected_depth": eff,
+        "init_values": iv,
+    }
+    out: dict[str, torch.Tensor] = {"transformer.wte.weight": sd["embed.weight"]}
+    for raven_part, ours in _PARTS:
+        n = {"prelude": m.n_prelude, "core": m.n_core, "coda": m.n_coda}[ours]
+        for i in range(n):
+            nm = _block_names(f"transformer.{raven_part}.{i}")
+            src = f"{ours}.{i}"
+            for j in (1, 2, 3, 4):
+                out[nm[f"norm_{j}"]] = sd[f"{src}.norm{j}.weight"]
+            out[nm["Wqkv"]] = torch.cat([
+                half_to_interleaved(sd[f"{src}.attn.q_proj.weight"], hd),
+                half_to_interleaved(sd[f"{src}.attn.k_proj.weight"], hd),
+                sd[f"{src}.attn.v_proj.weight"]], dim=0)
+            if qk_bias:
+                qb = half_to_interleaved(sd[f"{src}.attn.q_proj.bias"], hd).reshape(1, H, hd)
+                kb = half_to_interleaved(sd[f"{src}.attn.k_proj.bias"], hd).reshape(1, H, hd)
+                out[nm["qk_bias"]] = torch.stack([qb, kb], dim=0)
+            out[nm["proj"]] = sd[f"{src}.attn.o_proj.weight"]
+            out[nm["fc"]] = torch.cat([sd[f"{src}.mlp.gate_proj.weight"], sd[f"{src}.mlp.up_proj.weight"]], dim=0)
+            out[nm["mlp_proj"]] = sd[f"{src}.mlp.down_proj.weight"]
+    out["transformer.adapter.weight"] = sd["adapter.weight"]
+    out["transformer.ln_f.weight"] = sd["final_norm.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    out["freqs_cis"] = raven_freqs_cis(hd, m.max_seq_len, m.rope_base)
+    return config, out

@@ -1,0 +1,52 @@
+"""The `hf` export: any LoopedLM as a self-describing Hugging Face directory.
+
+Huginn and Ouro can only hold the LoopedLMs their own code builds; a retrofitted Llama or a
+model trained here with other options has no upstream class. This format keeps the tensors
+under LoopedLM's own names and the full ModelConfig (and depth schedule) in config.json under
+`stars_scale`, next to the usual HF keys tools read (hidden_size, vocab_size, ...), so
+`stars-convert import --from hf` reads it back bit-exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from stars_scale.config import RunConfig, config_from_dict
+from stars_scale.convert.checkpoint import expected_shapes
+from stars_scale.convert.hfdir import HFDir
+from stars_scale.errors import ConfigError, UserError
+
+MODEL_TYPE = "stars_looped"
+ARCH = "StarsLoopedLM"
+
+
+def import_native(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    cp = src.config_path
+    if src.config.get("model_type") != MODEL_TYPE:
+        raise UserError(f"{cp}: model_type {src.config.get('model_type')!r} is not {MODEL_TYPE!r}; "
+                        f"not written by `stars-convert export --to hf`")
+    block = src.cfg("stars_scale", types=dict)
+    try:
+        run = config_from_dict({k: v for k, v in block.items() if k in ("model", "depth")})
+    except ConfigError as e:
+        raise UserError(f"{cp}: stars_scale section: {e}") from None
+    sd = {name: src.get(name, shape) for name, shape in expected_shapes(run.model).items()}
+    src.require_all_used(MODEL_TYPE)
+    return run, sd, {}
+
+
+def export_native(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    m = run.model
+    config = {
+        "architectures": [ARCH], "model_type": MODEL_TYPE,
+        "hidden_size": m.hidden, "num_attention_heads": m.heads,
+        "num_key_value_heads": m.kv_heads or m.heads,
+        "num_hidden_layers": m.n_prelude + m.n_core + m.n_coda, "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_seq_len, "tie_word_embeddings": m.tie_embeddings,
+        "torch_dtype": str(sd["embed.weight"].dtype).replace("torch.", ""),
+        "stars_scale": {"model": dataclasses.asdict(m), "depth": dataclasses.asdict(run.depth)},
+    }
+    out = {k: v for k, v in sd.items() if not (m.tie_embeddings and k == "lm_head.weight")}
+    return config, out
