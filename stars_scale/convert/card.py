@@ -106,7 +106,7 @@ def render_card(run: RunConfig, fmt: str, provenance: dict[str, Any],
     elif d.dist == "lognormal":
         desc = f"lognormal (mu {d.mu:g}, sigma {d.sigma:g}), clipped to [{d.min}, {d.max}]"
     elif d.dist == "fixed":
-        desc = f"fixed, {d.value} iterations"
+        desc = f"fixed, {d.value} iteration{'s' if d.value != 1 else ''}"
     else:
         desc = f"uniform on [{d.min}, {d.max}]"
     lines.append(f"Training depth: {desc}" + (f"; gradients through the last {d.backprop} iterations."

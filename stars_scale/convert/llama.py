@@ -53,7 +53,7 @@ def parse_layers(spec: str | None, n_layers: int, flag: str, where: str) -> list
             raise UserError(f"{flag} {spec!r}: range {part} is empty (start > end)")
         if a < 0 or b >= n_layers:
             raise UserError(f"{flag} {spec!r}: layer range {part} is outside the model "
-                            f"({where} has {n_layers} layers, 0-{n_layers - 1})")
+                            f"({where}: num_hidden_layers={n_layers}, layers 0-{n_layers - 1})")
         out.extend(range(a, b + 1))
     if len(set(out)) != len(out):
         raise UserError(f"{flag} {spec!r}: a layer is listed twice")
@@ -65,7 +65,7 @@ def import_llama(src: HFDir, prelude: str | None, core: str | None, coda: str | 
     mt = check_model_type(src, SUPPORTED, "llama")
     d = read_decoder_shape(src)
     cp = src.config_path
-    where = f"{cp} (num_hidden_layers={d.layers})"
+    where = str(cp)
     pre = parse_layers(prelude, d.layers, "--prelude", where)
     cor = parse_layers(core, d.layers, "--core", where)
     cod = parse_layers(coda, d.layers, "--coda", where)
