@@ -30,6 +30,7 @@ every evaluation can see the same batches.
 from __future__ import annotations
 
 import copy
+import multiprocessing as mp
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,9 +380,13 @@ class ShardSource:
         cfg = self._cfg
         if self.num_workers == 0:
             return ((0, b, s) for b, s in _WorkerStream(cfg, 0, self._states[0]).batches())
+        # fork even where the process default is spawn (e.g. under torch.multiprocessing.spawn): a
+        # spawned worker re-imports torch, seconds per worker; the workers never touch CUDA.
+        context = "fork" if "fork" in mp.get_all_start_methods() else None
         loader = torch.utils.data.DataLoader(
             _WorkerDataset(cfg, list(self._states), self._next), batch_size=None, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
+            pin_memory=self.pin_memory, multiprocessing_context=context,
+            generator=torch.Generator().manual_seed(cfg.seed))  # not the global RNG
         return iter(loader)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
