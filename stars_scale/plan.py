@@ -40,7 +40,6 @@ FLOPs/token 6·(N_outer + r̄_grad·N_core) + 2·r̄_free·N_core + attention, w
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -391,9 +390,13 @@ class LayoutPlan:
     reasons: list[str] = field(default_factory=list)  # why invalid / why it does not fit
     stage: int = 0  # the fullest stage
     state: Optional[StateBytes] = None
-    act_mean: float = 0.0  # saved activations in flight on that stage at the mean depth
+    # saved activations in flight on that stage (in_flight microbatches), at the mean and the
+    # 99th-percentile depth: under the configured checkpointing, without, and with loop
+    act_mean: float = 0.0
     act_p99: float = 0.0
+    act_mean_no_ckpt: float = 0.0
     act_p99_no_ckpt: float = 0.0
+    act_mean_loop_ckpt: float = 0.0
     act_p99_loop_ckpt: float = 0.0
     transient: float = 0.0
     in_flight: int = 1
@@ -483,7 +486,8 @@ def evaluate_layout(run: RunConfig, counts: ParamCounts, ds: DepthStats, *, tp: 
         if best is None or total > best.total:
             best = dataclasses.replace(
                 lp, stage=s, state=state, act_mean=a_mean, act_p99=a_p99,
-                act_p99_no_ckpt=act(ds.p99_grad, "none"), act_p99_loop_ckpt=act(ds.p99_grad, "loop"),
+                act_mean_no_ckpt=act(mean_grad, "none"), act_p99_no_ckpt=act(ds.p99_grad, "none"),
+                act_mean_loop_ckpt=act(mean_grad, "loop"), act_p99_loop_ckpt=act(ds.p99_grad, "loop"),
                 transient=transient, in_flight=in_flight, total=total)
     assert best is not None
     best.fits = best.total <= usable
@@ -594,10 +598,12 @@ def format_plan(p: Plan, show: Literal["all", "fit", "config"] = "all") -> str:
         f"microbatch: {p.batch} × {p.seq} tokens; {p.microbatches} microbatch(es) per step per "
         f"data-parallel rank",
         "",
-        "layouts (peak per GPU on the fullest stage, activations at the p99 depth):",
-        f"  {'tp':>3} {'pp':>3} {'dp':>4} {'zero':>4} | {'weights':>10} {'grads':>10} {'optim':>10} | "
-        f"{'act(mean)':>10} {'act(p99)':>10} {'no-ckpt':>10} {'loop-ckpt':>10} {'transient':>10} | "
-        f"{'total':>10}  fits",
+        f"layouts: per GPU on the fullest stage; activations for the microbatches in flight there "
+        f"(mb), without and with loop checkpointing at the mean and p99 depth; total = state + "
+        f"{p.checkpointing}-checkpointing activations at p99 + transient:",
+        f"  {'tp':>3} {'pp':>3} {'dp':>4} {'zero':>4} | {'weights':>9} {'grads':>9} {'optim':>9} | "
+        f"{'mb':>2} {'none@mean':>9} {'none@p99':>9} {'loop@mean':>9} {'loop@p99':>9} "
+        f"{'transient':>9} | {'total':>9}  fits",
     ]
     shown = 0
     invalid_seen: set[tuple[int, int]] = set()
@@ -619,11 +625,11 @@ def format_plan(p: Plan, show: Literal["all", "fit", "config"] = "all") -> str:
         s = lp.state
         assert s is not None
         lines.append(
-            f"  {lp.tp:>3} {lp.pp:>3} {lp.dp:>4} {lp.zero:>4} | {fmt_bytes(s.weights):>10} "
-            f"{fmt_bytes(s.grads):>10} {fmt_bytes(s.optim):>10} | {fmt_bytes(lp.act_mean):>10} "
-            f"{fmt_bytes(lp.act_p99):>10} {fmt_bytes(lp.act_p99_no_ckpt):>10} "
-            f"{fmt_bytes(lp.act_p99_loop_ckpt):>10} {fmt_bytes(lp.transient):>10} | "
-            f"{fmt_bytes(lp.total):>10}  {'yes' if lp.fits else 'no'}{mark}")
+            f"  {lp.tp:>3} {lp.pp:>3} {lp.dp:>4} {lp.zero:>4} | {fmt_bytes(s.weights):>9} "
+            f"{fmt_bytes(s.grads):>9} {fmt_bytes(s.optim):>9} | {lp.in_flight:>2} "
+            f"{fmt_bytes(lp.act_mean_no_ckpt):>9} {fmt_bytes(lp.act_p99_no_ckpt):>9} "
+            f"{fmt_bytes(lp.act_mean_loop_ckpt):>9} {fmt_bytes(lp.act_p99_loop_ckpt):>9} "
+            f"{fmt_bytes(lp.transient):>9} | {fmt_bytes(lp.total):>9}  {'yes' if lp.fits else 'no'}{mark}")
         shown += 1
     if not shown:
         lines.append("  (none)")
