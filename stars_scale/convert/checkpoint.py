@@ -72,8 +72,7 @@ def storable(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def save_converted(out: str | Path, run: RunConfig, sd: dict[str, torch.Tensor],
-                   provenance: dict[str, Any], overwrite: bool = False,
-                   extra_files: dict[str, Path] | None = None) -> Path:
+                   provenance: dict[str, Any], overwrite: bool = False) -> Path:
     """Write a converted checkpoint directory atomically (staged, then renamed into place)."""
     sd = storable(run.model, sd)
     check_state_dict(run.model, sd, f"converted weights for {out}")
@@ -83,8 +82,6 @@ def save_converted(out: str | Path, run: RunConfig, sd: dict[str, torch.Tensor],
         prov = dict(provenance)
         prov.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         atomic_write_json(tmp / PROVENANCE_NAME, prov)
-        for name, src in (extra_files or {}).items():
-            (tmp / name).write_bytes(Path(src).read_bytes())
     return Path(out)
 
 
