@@ -340,6 +340,8 @@ class ShardSource:
             raise UserError(f"batch size must be >= 1, got {batch_size}")
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+        if seed < 0:
+            raise UserError(f"data seed must be >= 0, got {seed}")
         if num_workers < 0 or shuffle_buffer < 0:
             raise UserError(f"num_workers ({num_workers}) and shuffle_buffer ({shuffle_buffer}) must be >= 0")
         datasets = _as_datasets(data_dir)

@@ -221,10 +221,7 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
                 _init_worker(str(tok_path), eos, limit_threads=False)
                 results: Iterator = map(_tokenize_task, tasks)
             else:
-                import multiprocessing as mp
-
-                pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                    initargs=(str(tok_path), eos, True))
+                pool = _pool(workers, str(tok_path), eos)
                 results = _ordered(pool, tasks, window=2 * workers)
             for ids, docs, nbytes in results:
                 text_bytes += nbytes
@@ -265,6 +262,23 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
         raise
     return PrepareResult(Path(opts.out), text_bytes, ndocs, manifest.total_tokens,
                          {k: len(v.shards) for k, v in splits.items()}, time.perf_counter() - t0)
+
+
+def _pool(workers: int, tokenizer_path: str, eos: int):
+    """Tokeniser processes. Forked where possible: they start at once and, unlike spawned ones,
+    never re-import the caller's __main__ (which fails for stdin scripts and notebooks)."""
+    import multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # inherited: no "forked after parallelism" warning
+    try:
+        return mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, eos, True))
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
 def _ordered(pool, tasks: Iterator, window: int) -> Iterator:
