@@ -25,7 +25,7 @@ class SweepTask:
     def slug(self) -> str:
         """A file-name-safe label, e.g. ``stars.lam=0.05``, at most 60 characters."""
         text = "_".join(self.overrides)
-        text = re.sub(r"[^A-Za-z0-9.=+-]+", "-", text).strip("-")
+        text = re.sub(r"[^A-Za-z0-9._=+-]+", "-", text).strip("-")
         return text[:60] or "task"
 
     @property
