@@ -52,6 +52,8 @@ def _blocks(batch) -> tuple[np.ndarray, np.ndarray]:
 def write_arithmetic(opts: ArithmeticOptions) -> fmt.Manifest:
     from stars_scale.data.arithmetic import VOCAB, VOCAB_SIZE, ArithmeticTask
 
+    if opts.blocks_per_shard is not None and opts.blocks_per_shard < 1:
+        raise UserError(f"--blocks-per-shard must be >= 1, got {opts.blocks_per_shard}")
     if opts.samples < 1:
         raise UserError(f"--samples must be >= 1, got {opts.samples}")
     try:

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from stars_scale.data import shards as fmt
-from stars_scale.data.text import Document, find_inputs, iter_documents
+from stars_scale.data.text import find_inputs, iter_documents
 from stars_scale.data.tokenizer import find_eos, load_tokenizer, tokenizer_sha256
 from stars_scale.errors import UserError
 
@@ -193,6 +193,8 @@ def prepare(opts: PrepareOptions) -> PrepareResult:
     t0 = time.perf_counter()
     if opts.seq_len < 1:
         raise UserError(f"--seq-len must be >= 1, got {opts.seq_len}")
+    if opts.blocks_per_shard is not None and opts.blocks_per_shard < 1:
+        raise UserError(f"--blocks-per-shard must be >= 1, got {opts.blocks_per_shard}")
     if not 0.0 <= opts.val_fraction < 1.0:
         raise UserError(f"--val-fraction must be in [0, 1), got {opts.val_fraction}")
     files = find_inputs(opts.inputs)
