@@ -14,6 +14,8 @@
 #   STARS_SLURM_PORT_BASE  slurmctld port; node i uses base + i  (17000 -> n1 on 17001)
 #   STARS_SLURM_NODES      number of nodes n1..nN                (2)
 #   STARS_SLURM_CPUS       CPUs each node advertises             (2; the nodes share the host's cores)
+#   STARS_SLURM_FIRST_JOB_ID  first job id (1); jobs derive their rendezvous port from it
+#   STARS_SLURM_CRED_EXPIRE   credential lifetime, also the delay before a requeued job restarts (5 s)
 #   STARS_SLURM_NO_INSTALL set to 1 to fail instead of running apt-get when Slurm is missing
 #
 # Exit codes: 0 ok; 1 failed to start (logs are printed); 3 Slurm/munge missing and cannot
@@ -31,6 +33,7 @@ RUN=$DIR/run
 LOG=$DIR/log
 PARTITION=debug
 CRED_EXPIRE=${STARS_SLURM_CRED_EXPIRE:-5}
+FIRST_JOB_ID=${STARS_SLURM_FIRST_JOB_ID:-1}
 
 export SLURM_CONF=$CONF
 
@@ -199,6 +202,7 @@ write_config() {
         echo "JobRequeue=1"
         echo "KillWait=10"
         echo "MinJobAge=600"
+        echo "FirstJobId=$FIRST_JOB_ID"
         echo "InactiveLimit=0"
         echo "SlurmctldTimeout=30"
         echo "SlurmdTimeout=60"

@@ -6,8 +6,10 @@ each task's run as a child of it (tag ``mlflow.parentRunId``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 import yaml
 
@@ -34,6 +36,11 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def _quiet():
+    """MLflow prints run links on stdout; stdout of stars-launch is only the job id."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return (text[:300] + "...") if len(text) > 300 else text or type(e).__name__
@@ -43,18 +50,19 @@ def create_parent(uri: str, cfg: RunConfig, name: str, sweep: list[SweepTask],
                   sweep_specs: list[str]) -> str:
     """Create the parent run; return its id. UserError when the server cannot be reached."""
     try:
-        client = _client(uri)
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-        run = client.create_run(exp_id, run_name=name, tags={
-            "stars.role": "sweep-parent",
-            "stars.sweep": " ".join(sweep_specs),
-            "stars.sweep_size": str(len(sweep)),
-        })
-        run_id = run.info.run_id
-        client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
-        client.log_text(run_id, json.dumps([{"index": t.index, "overrides": list(t.overrides)}
-                                            for t in sweep], indent=2), "sweep.json")
+        with _quiet():
+            client = _client(uri)
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+            run = client.create_run(exp_id, run_name=name, tags={
+                "stars.role": "sweep-parent",
+                "stars.sweep": " ".join(sweep_specs),
+                "stars.sweep_size": str(len(sweep)),
+            })
+            run_id = run.info.run_id
+            client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "config.yaml")
+            client.log_text(run_id, json.dumps([{"index": t.index, "overrides": list(t.overrides)}
+                                                for t in sweep], indent=2), "sweep.json")
     except UserError:
         raise
     except Exception as e:  # any failure to reach or write the server: one line for the user
@@ -65,12 +73,13 @@ def create_parent(uri: str, cfg: RunConfig, name: str, sweep: list[SweepTask],
 def finish_parent(uri: str, run_id: str, job_id: str | None, error: str | None = None) -> None:
     """Record the Slurm job id and close the parent (the children carry the training status)."""
     try:
-        client = _client(uri)
-        if job_id:
-            client.set_tag(run_id, "slurm.job_id", job_id)
-        if error:
-            client.set_tag(run_id, "stars.submit_error", error[:500])
-        client.set_terminated(run_id, status="FAILED" if error else "FINISHED")
+        with _quiet():
+            client = _client(uri)
+            if job_id:
+                client.set_tag(run_id, "slurm.job_id", job_id)
+            if error:
+                client.set_tag(run_id, "stars.submit_error", error[:500])
+            client.set_terminated(run_id, status="FAILED" if error else "FINISHED")
     except Exception as e:
         raise UserError(f"tracking: cannot update the MLflow parent run {run_id} at {uri}: "
                         f"{_one_line(e)}") from None
