@@ -8,6 +8,7 @@ eval.depths=[1,2,4]`` a list.
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
 import typing
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class CurriculumConfig:
     steps: int = 0  # 0: off. Otherwise the mean depth ramps from `start` to the target over steps
     start: float = 1.0
     shape: Literal["linear", "sqrt"] = "linear"  # sqrt: 1 - sqrt(1 - t), fast at first
+    backprop_start: Optional[int] = None  # backprop depth ramps from this to depth.backprop too
 
 
 @dataclass
@@ -95,13 +97,26 @@ class StarsConfig:
 
 
 @dataclass
+class MixtureItem:
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    kind: Literal["arithmetic"] = "arithmetic"
+    kind: Literal["arithmetic", "shards"] = "arithmetic"
+    batch_size: int = 64  # global batch per microbatch, split over the data-parallel ranks
+    # arithmetic (in-memory generator)
     digits: int = 3
-    batch_size: int = 64
     train_size: int = 0  # 0: fresh problems every step; else a fixed training set of this size
     test_size: int = 512
     reverse_answer: bool = True
+    # shards (`stars-data prepare` / `stars-data arithmetic` output)
+    path: Optional[str] = None  # one dataset directory (manifest.json + shards)
+    mixture: list[MixtureItem] = field(default_factory=list)  # or several, sampled by weight
+    num_workers: int = 0
+    shuffle_buffer: int = 1024
+    val_batches: int = 8  # validation batches (from the val split) per evaluation
 
 
 @dataclass
@@ -148,6 +163,14 @@ class TrackingConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from converted weights (`stars-convert import ... --out DIR`); YAML key `init.from`."""
+
+    from_: Optional[str] = None  # a converted checkpoint dir (config.yaml + model.safetensors)
+    strict: bool = True  # the run's model config must equal the converted one
+
+
+@dataclass
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
@@ -167,9 +190,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _yaml_keys(dataclasses.asdict(self))
 
 
 # --------------------------------------------------------------------------- parsing
@@ -237,20 +261,30 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {path}")  # programming error
 
 
+def _yaml_keys(d: Any) -> Any:
+    """Field `from_` is written as YAML key `from` (Python keywords cannot be field names)."""
+    if isinstance(d, dict):
+        return {(k[:-1] if k.endswith("_") and keyword.iskeyword(k[:-1]) else k): _yaml_keys(v) for k, v in d.items()}
+    return d
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
+    data = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in data.items()}
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            where = f"{prefix}.{key}" if prefix else str(key)
+            shown = str(key).rstrip("_") if str(key).endswith("_") else str(key)
+            where = f"{prefix}.{shown}" if prefix else shown
             raise ConfigError(
                 f"{where}: unknown config key (known keys{' of ' + prefix if prefix else ''}: "
-                f"{', '.join(sorted(names))})"
+                f"{', '.join(sorted(n.rstrip('_') for n in names))})"
             )
     kwargs = {}
     for name in names:
         if name in data:
-            path = f"{prefix}.{name}" if prefix else name
+            shown = name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+            path = f"{prefix}.{shown}" if prefix else shown
             kwargs[name] = _coerce(data[name], hints[name], path)
     return cls(**kwargs)
 
@@ -348,6 +382,10 @@ def validate(cfg: RunConfig) -> None:
     _require(d.backprop is None or d.backprop >= 1, "depth.backprop", f"must be >= 1 or null, got {d.backprop}")
     _require(d.curriculum.steps >= 0, "depth.curriculum.steps", "must be >= 0")
     _require(d.curriculum.start > 0, "depth.curriculum.start", "must be > 0")
+    _require(d.curriculum.backprop_start is None or d.curriculum.backprop_start >= 1,
+             "depth.curriculum.backprop_start", "must be >= 1")
+    _require(d.curriculum.backprop_start is None or d.backprop is not None, "depth.curriculum.backprop_start",
+             "needs depth.backprop (the backprop depth it ramps to)")
     _require(d.eval_depth is None or d.eval_depth >= 1, "depth.eval_depth", "must be >= 1")
 
     _require(s.lam >= 0, "stars.lam", f"must be >= 0, got {s.lam}")
@@ -359,6 +397,15 @@ def validate(cfg: RunConfig) -> None:
     _require(s.estimate_every >= 0, "stars.estimate_every", "must be >= 0")
 
     _require(cfg.data.digits >= 1, "data.digits", "must be >= 1")
+    if cfg.data.kind == "shards":
+        _require(bool(cfg.data.path) != bool(cfg.data.mixture), "data.path",
+                 "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")
+        for i, item in enumerate(cfg.data.mixture):
+            _require(bool(item.path), f"data.mixture[{i}].path", "must name a dataset directory")
+            _require(item.weight > 0, f"data.mixture[{i}].weight", f"must be > 0, got {item.weight}")
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _require(cfg.data.val_batches >= 1, "data.val_batches", "must be >= 1")
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
     _require(cfg.data.train_size >= 0, "data.train_size", "must be >= 0")
     _require(cfg.data.test_size >= 1, "data.test_size", "must be >= 1")

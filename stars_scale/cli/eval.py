@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from stars_scale.config import load_config
-        from stars_scale.data.sources import build_task
+        from stars_scale.data.sources import build_eval_batch
         from stars_scale.errors import UserError
         from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
         from stars_scale.model.looped import LoopedLM
@@ -62,11 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         samples = args.samples or cfg.eval.samples
         if samples < 1:
             raise UserError(f"--samples: must be >= 1, got {samples}")
-        task = build_task(cfg)
+        batch, has_acc = build_eval_batch(cfg, samples)
         with torch.no_grad():
-            results = depth_sweep(model, task.test_batch(limit=samples), depths,
-                                  rho_iters=args.rho_iters or cfg.eval.rho_iters, batch_size=cfg.eval.batch_size,
-                                  seed=cfg.seed)
+            results = depth_sweep(model, batch, depths, rho_iters=args.rho_iters or cfg.eval.rho_iters,
+                                  batch_size=cfg.eval.batch_size, seed=cfg.seed, has_accuracy=has_acc)
         results["step"] = state.get("step")
         results["checkpoint"] = str(path)
         out = Path(args.out) if args.out else path.parent.parent / f"eval_{path.name}"

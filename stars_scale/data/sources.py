@@ -58,13 +58,50 @@ def build_task(cfg: RunConfig) -> ArithmeticTask:
                           reverse_answer=d.reverse_answer)
 
 
-def build_train_source(cfg: RunConfig, dp_rank: int = 0, dp_size: int = 1) -> BatchSource:
+def _local_batch(cfg: RunConfig, dp_size: int) -> int:
     if cfg.data.batch_size % dp_size:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is not divisible by the data-parallel size {dp_size}")
-    local = cfg.data.batch_size // dp_size
-    src = ArithmeticSource(build_task(cfg), local, dp_rank, dp_size)
+    return cfg.data.batch_size // dp_size
+
+
+def _shard_datasets(cfg: RunConfig):
+    d = cfg.data
+    return d.path if d.path else [(m.path, m.weight) for m in d.mixture]
+
+
+def build_train_source(cfg: RunConfig, dp_rank: int = 0, dp_size: int = 1) -> BatchSource:
+    local = _local_batch(cfg, dp_size)
+    if cfg.data.kind == "shards":
+        from stars_scale.data.loader import ShardSource
+
+        src = ShardSource(_shard_datasets(cfg), local, dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
+                          num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
+    else:
+        src = ArithmeticSource(build_task(cfg), local, dp_rank, dp_size)
     check_model_fits(cfg, src)
     return src
+
+
+def build_eval_batch(cfg: RunConfig, samples: int, dp_rank: int = 0, dp_size: int = 1
+                     ) -> tuple[dict[str, torch.Tensor], bool]:
+    """The fixed evaluation set and whether it has exact-match answers.
+
+    Arithmetic: the first `samples` test problems. Shards: `data.val_batches` batches of the val
+    split, read from its start every time (the same tokens at every evaluation); arithmetic shards
+    (answer-only labels) are scored by exact match too.
+    """
+    if cfg.data.kind != "shards":
+        return build_task(cfg).test_batch(limit=samples), True
+    from stars_scale.data.loader import ShardSource
+    from stars_scale.data.shards import Manifest
+
+    datasets = _shard_datasets(cfg)
+    paths = [datasets] if isinstance(datasets, str) else [p for p, _ in datasets]
+    has_answers = all(Manifest.load(p).kind == "arithmetic" for p in paths)
+    src = ShardSource(datasets, _local_batch(cfg, dp_size), dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
+                      split="val")
+    batches = [src.next_batch() for _ in range(cfg.data.val_batches)]
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}, has_answers
 
 
 def check_model_fits(cfg: RunConfig, src: BatchSource) -> None:

@@ -9,7 +9,8 @@ shared or checkpointed. Distributions (r = total iterations):
     uniform            r ~ U{min, ..., max}
 
 A curriculum ramps the *mean* depth from `curriculum.start` to the distribution's own mean over
-`curriculum.steps` steps (linear, or `sqrt`: 1 - sqrt(1 - t)). Truncated BPTT: of the r
+`curriculum.steps` steps (linear, or `sqrt`: 1 - sqrt(1 - t)), and with `backprop_start` the
+backprop depth from there to `backprop` on the same ramp. Truncated BPTT: of the r
 iterations only the last `backprop` carry gradient (n_grad = min(r, k), n_free = r - n_grad).
 """
 from __future__ import annotations
@@ -96,8 +97,15 @@ class DepthSampler:
             r = int(rng.integers(cfg.min, min(hi, cfg.max) + 1))
         return int(min(max(r, cfg.min), cfg.max))
 
+    def backprop_at(self, step: int) -> int | None:
+        """Truncated-BPTT depth at `step` (ramped with the curriculum when backprop_start is set)."""
+        k, start = self.cfg.backprop, self.cfg.curriculum.backprop_start
+        if k is None or start is None:
+            return k
+        return max(1, round(start + (k - start) * self.ramp(step)))
+
     def sample(self, step: int) -> Depth:
         r = self.total_depth(step)
-        k = self.cfg.backprop
+        k = self.backprop_at(step)
         n_grad = r if k is None else min(r, k)
         return Depth(n_free=r - n_grad, n_grad=n_grad)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from stars_scale.config import RunConfig, load_config, save_config
-from stars_scale.data.sources import build_task, build_train_source
+from stars_scale.data.sources import build_eval_batch, build_train_source
 from stars_scale.errors import UserError
 from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
 from stars_scale.model.looped import LoopedLM
@@ -78,7 +78,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = LoopedLM(cfg.model).to(self.device)
         self.model.checkpointing = cfg.train.checkpointing
-        self.task = build_task(cfg)
         self.source = build_train_source(cfg)
         self.sampler = DepthSampler(cfg.depth, cfg.seed)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -88,8 +87,11 @@ class Trainer:
         self.run_id: str | None = None
         if self.resume_from is not None:
             self._load(self.resume_from)
+        elif cfg.init.from_:
+            self._init_from_converted(cfg.init.from_)
         self.tracker: MlflowTracker | None = None
         self.preempt = PreemptionFlag()
+        self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -124,6 +126,21 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.run_id = state.get("mlflow_run_id")
         self._truncate_metrics(self.step)
+
+    def _init_from_converted(self, path: str) -> None:
+        """Continued pretraining: weights from `stars-convert import` output (optimizer starts fresh)."""
+        from stars_scale.convert import load_converted
+
+        model_cfg, state = load_converted(path)
+        if self.cfg.init.strict and model_cfg != self.cfg.model:
+            diffs = [f"model.{k}: run has {getattr(self.cfg.model, k)!r}, {path} has {getattr(model_cfg, k)!r}"
+                     for k in vars(model_cfg) if getattr(model_cfg, k) != getattr(self.cfg.model, k)]
+            raise UserError(f"init.from {path}: the converted model differs from this run's model config "
+                            f"({'; '.join(diffs)}); fix the config or set init.strict: false")
+        missing, unexpected = self.model.load_state_dict(state, strict=self.cfg.init.strict)
+        if missing or unexpected:
+            print(f"init.from {path}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
+                  "(init.strict: false)", file=sys.stderr)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
@@ -204,10 +221,18 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        batch = self.task.test_batch(limit=self.cfg.eval.samples)
+        batch, has_acc = self.eval_batch()
         res = depth_sweep(self.model, batch, [median_depth(self.cfg.depth)], rho_iters=1, rho_samples=1,
-                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.seed)
-        return {"val_acc": res["accuracy"][0], "val_loss": res["loss"][0]}
+                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.seed, has_accuracy=has_acc)
+        out = {"val_loss": res["loss"][0]}
+        if has_acc:
+            out["val_acc"] = res["accuracy"][0]
+        return out
+
+    def eval_batch(self) -> tuple[dict[str, torch.Tensor], bool]:
+        if self._eval_batch is None:
+            self._eval_batch = build_eval_batch(self.cfg, self.cfg.eval.samples)
+        return self._eval_batch
 
     def _log(self, metrics: dict[str, Any]) -> None:
         with open(self.out / "metrics.jsonl", "a") as f:
@@ -219,8 +244,9 @@ class Trainer:
         e = self.cfg.eval
         if not e.depths:
             return None
-        results = depth_sweep(self.model, self.task.test_batch(limit=e.samples), e.depths, rho_iters=e.rho_iters,
-                              batch_size=e.batch_size, seed=self.cfg.seed)
+        batch, has_acc = self.eval_batch()
+        results = depth_sweep(self.model, batch, e.depths, rho_iters=e.rho_iters, batch_size=e.batch_size,
+                              seed=self.cfg.seed, has_accuracy=has_acc)
         results["step"] = self.step
         jpath, ppath = write_depth_scaling(results, self.out, title=f"{self.out.name} @ step {self.step}")
         if self.tracker is not None:
