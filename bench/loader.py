@@ -64,6 +64,37 @@ def loader_tokens_per_s(data_dir: str | Path, *, batch_size: int = 8, num_worker
     return (src.tokens_seen - start_tokens) / seconds
 
 
+def train_step_tokens_per_s(config: str | Path, steps: int = 20, warmup: int = 3) -> tuple[float, int, int]:
+    """Tokens/s the training step of `config` consumes (its sampled depths, regulariser on)."""
+    import statistics
+
+    import torch
+
+    from stars_scale.config import load_config
+    from stars_scale.data.sources import build_train_source
+    from stars_scale.model.looped import LoopedLM
+    from stars_scale.stars.depth import DepthSampler
+    from stars_scale.train.optim import build_optimizer
+    from stars_scale.train.step import forward_backward
+
+    cfg = load_config(config, ["stars.warmup_steps=0"])
+    torch.manual_seed(cfg.seed)
+    model = LoopedLM(cfg.model)
+    opt = build_optimizer(model, cfg.optim)
+    src = build_train_source(cfg)
+    sampler = DepthSampler(cfg.depth, cfg.seed)
+    rates = []
+    for i in range(warmup + steps):
+        batch = src.next_batch()
+        t0 = time.perf_counter()
+        forward_backward(model, batch, sampler.sample(i), cfg.stars, step=i, micro=0, seed=cfg.seed, loss_scale=1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            rates.append(batch["input_ids"].numel() / (time.perf_counter() - t0))
+    return statistics.median(rates), cfg.data.batch_size, src.seq_len
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="an existing dataset directory (skips the corpus and prepare)")
@@ -74,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--workers", default="0,2", help="loader worker counts to measure, comma-separated")
     p.add_argument("--prepare-workers", type=int, default=0, help="0: one per core")
+    p.add_argument("--vs-train", metavar="CONFIG", default=None,
+                   help="also compare with the training step of CONFIG (e.g. configs/arith_tiny.yaml): the loader "
+                        "reads that task as shards at that batch size")
     args = p.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="stars-bench-data-"))
@@ -93,9 +127,27 @@ def main(argv: list[str] | None = None) -> int:
             tps = loader_tokens_per_s(data, batch_size=args.batch_size, num_workers=w, batches=args.batches)
             print(f"loader: workers={w} batch={args.batch_size} seq_len={ShardSource(str(data), 1, dp_rank=0, dp_size=1, seed=0).seq_len}: "
                   f"{tps:,.0f} tokens/s")
+        if args.vs_train:
+            _compare_with_training(args.vs_train, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _compare_with_training(config: str, tmp: Path) -> None:
+    import subprocess
+
+    from stars_scale.config import load_config
+
+    cfg = load_config(config)
+    out = tmp / "arith"
+    subprocess.run([sys.executable, "-m", "stars_scale.cli.data", "arithmetic", "--digits", str(cfg.data.digits),
+                    "--samples", "200000", "--out", str(out)], check=True, capture_output=True)
+    train_tps, batch, seq = train_step_tokens_per_s(config)
+    for w in (0, 2):
+        tps = loader_tokens_per_s(out, batch_size=batch, num_workers=w, batches=300)
+        print(f"{config}: training step consumes {train_tps:,.0f} tokens/s (batch {batch}x{seq}); loader "
+              f"(workers={w}) delivers {tps:,.0f} tokens/s = {tps / train_tps:.1f}x the step")
 
 
 if __name__ == "__main__":
