@@ -95,7 +95,11 @@ case $MODE in
             --local-addr="$LOCAL_ADDR" --max-restarts=0
             -m "$MODULE" "$@")
         # torchrun keeps SIGINT/HUP/QUIT handling; TERM and USR1 go to the workers (below).
-        export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+        # Left to itself it would answer TERM by killing the workers after 30 s. torchrun
+        # reads PET_SIGNALS_TO_HANDLE (its --signals-to-handle) and exports it as
+        # TORCHELASTIC_SIGNALS_TO_HANDLE; older versions only read the latter.
+        export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+        export TORCHELASTIC_SIGNALS_TO_HANDLE=$PET_SIGNALS_TO_HANDLE
         ;;
     srun)
         PROCS=${SLURM_NTASKS_PER_NODE:-1}

@@ -134,6 +134,24 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     assert "requeueing job" in log and "restart 1 on" in log  # both runs append to one log
 
 
+def test_term_reaches_the_ranks_and_torchrun_waits_for_them(slurm_cluster, tmp_path):
+    """TERM to the job steps (cancel, time limit): every rank checkpoints and exits 0, and
+    torchrun does not turn the TERM into a failure of its own (it would kill its workers)."""
+    run_dir = tmp_path / "run"
+    job = submit(slurm_cluster, tmp_path, "--nodes", "2", "--out", str(run_dir),
+                 env_extra={"STARS_PROBE_HOLD": "120"})
+    wait_for(lambda: len(probe_records(run_dir, 0)) == 2, 180, "both ranks",
+             lambda: job_log(run_dir) + slurm_cluster.logs_tail())
+    slurm_cluster.run("scancel", "--signal=TERM", job)  # the steps, not the batch shell
+    assert slurm_cluster.wait_job(job) == "COMPLETED", job_log(run_dir)
+    recs = probe_records(run_dir, 0)
+    assert all(r["stopped_on_signal"] and "SIGTERM" in r["signals"] for r in recs), recs
+    assert (run_dir / "probe" / "checkpoint.json").is_file()
+    log = job_log(run_dir)
+    assert "SignalException" not in log and "requeueing" not in log
+    assert slurm_cluster.job_info(job)["Restarts"] == "0"
+
+
 def test_partition_checked_against_sinfo(slurm_cluster, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
