@@ -133,10 +133,28 @@ log "mode $MODE, $NNODES node(s), head $HEAD_NODE at $STARS_MASTER_ADDR:$STARS_M
 ) &
 CHILD=$!
 
+# Direct children of a pid (pgrep where installed, else /proc).
+children_of() {
+    if command -v pgrep >/dev/null 2>&1; then
+        pgrep -P "$1"
+        return 0
+    fi
+    local parent=$1 stat fields
+    for stat in /proc/[0-9]*/stat; do
+        fields=$(<"$stat") 2>/dev/null || continue
+        read -r -a fields <<<"${fields##*) }"  # state ppid ...
+        if [[ ${fields[1]:-} == "$parent" ]]; then
+            stat=${stat#/proc/}
+            echo "${stat%/stat}"
+        fi
+    done
+    return 0
+}
+
 forward() {
     local sig=$1 targets
     if [[ $MODE == torchrun ]]; then
-        targets=$(pgrep -P "$CHILD" | tr '\n' ' ')  # the torchrun workers
+        targets=$(children_of "$CHILD" | tr '\n' ' ')  # the torchrun workers
     else
         targets=$CHILD
     fi

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -292,3 +293,24 @@ def test_time_formats(text, seconds):
 def test_bad_time_formats(text):
     with pytest.raises(UserError, match="--time"):
         slurm.time_seconds(text)
+
+
+def test_wrapper_finds_worker_processes_with_and_without_pgrep():
+    """The wrapper forwards signals to torchrun's direct children; on nodes without pgrep it
+    reads /proc."""
+    parent = subprocess.Popen(["bash", "-c", "sleep 60 & a=$!; sleep 60 & echo $a $!; wait"],
+                              stdout=subprocess.PIPE, text=True)
+    kids: list[str] = []
+    try:
+        kids = sorted(parent.stdout.readline().split())
+        fn = f'source <(sed -n "/^children_of()/,/^}}/p" {REPO / "launch" / "stars-srun.sh"}); '
+        for path in (os.environ["PATH"], "/nonexistent"):
+            if path != "/nonexistent" and not shutil.which("pgrep"):
+                continue
+            res = subprocess.run(["bash", "-c", fn + f"PATH={path}; children_of {parent.pid}"],
+                                 capture_output=True, text=True, timeout=30)
+            assert sorted(res.stdout.split()) == kids, (path, res.stderr)
+    finally:
+        for pid in kids:
+            os.kill(int(pid), 15)
+        parent.wait(10)
