@@ -27,7 +27,9 @@ class BatchSource(Protocol):
 
 
 class ArithmeticSource:
-    """The in-memory arithmetic stream: batch i is a pure function of (seed, i, dp_rank)."""
+    """The in-memory arithmetic stream: global batch i is a pure function of (seed, i); data-parallel
+    rank r reads its rows [r * batch_size, (r + 1) * batch_size), so dp ranks together see exactly
+    the batch one process sees."""
 
     def __init__(self, task: ArithmeticTask, batch_size: int, dp_rank: int = 0, dp_size: int = 1):
         self.task = task
@@ -38,7 +40,9 @@ class ArithmeticSource:
         self.index = 0
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        batch = self.task.train_batch(self.index, 0, self.batch_size, self.dp_rank)
+        full = self.task.train_batch(self.index, 0, self.batch_size * self.dp_size)
+        lo = self.dp_rank * self.batch_size
+        batch = {k: v[lo:lo + self.batch_size] for k, v in full.items()}
         self.index += 1
         return batch
 

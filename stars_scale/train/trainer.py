@@ -26,7 +26,7 @@ from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.optim import build_optimizer, build_scheduler
-from stars_scale.train.step import forward_backward
+from stars_scale.train.step import forward_backward, split_microbatches
 from stars_scale.utils import atomic_write, atomic_write_text, flatten_dict
 
 
@@ -37,6 +37,19 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except Exception:
         return None
+
+
+def make_trainer(cfg: RunConfig, out_dir: str | Path, resume: str | bool | None = None,
+                 stop_after_steps: int | None = None) -> "Trainer":
+    """The single-process Trainer, or the ParallelTrainer when launched on several processes
+    (torchrun) or asked for tensor/pipeline parallelism."""
+    from stars_scale.parallel.state import wants_parallel
+
+    if wants_parallel(cfg):
+        from stars_scale.parallel.train import ParallelTrainer
+
+        return ParallelTrainer(cfg, out_dir, resume=resume, stop_after_steps=stop_after_steps)
+    return Trainer(cfg, out_dir, resume=resume, stop_after_steps=stop_after_steps)
 
 
 class PreemptionFlag:
@@ -75,6 +88,9 @@ class Trainer:
         self.resume_from = self._resolve_resume(resume)
         self._prepare_out_dir()
 
+        if cfg.data.batch_size % cfg.parallel.microbatches:
+            raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by parallel.microbatches="
+                            f"{cfg.parallel.microbatches}")
         torch.manual_seed(cfg.seed)
         self.model = LoopedLM(cfg.model).to(self.device)
         self.model.checkpointing = cfg.train.checkpointing
@@ -150,13 +166,16 @@ class Trainer:
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
+    def _layout_tag(self) -> str:
+        return "tp1-pp1-dp1-zero0"
+
     def _start_tracking(self) -> None:
         t = self.cfg.tracking
         if not t.mlflow:
             return
         uri = default_tracking_uri(t.tracking_uri)
         tags = {"stars.git_commit": git_commit() or "unknown",
-                "stars.layout": f"tp{self.cfg.parallel.tp}-pp{self.cfg.parallel.pp}-dp1-zero{self.cfg.parallel.zero}",
+                "stars.layout": self._layout_tag(),
                 "stars.out_dir": str(self.out.resolve())}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
@@ -189,18 +208,25 @@ class Trainer:
         depth = self.sampler.sample(self.step)
         t0 = time.perf_counter()
         self.model.train()
-        accum = cfg.train.grad_accum
+        # train.grad_accum batches per step, each split into parallel.microbatches microbatches
+        # (the unit the STARS estimator works on): one process with M microbatches equals dp
+        # ranks with M / dp each (stars_scale.parallel).
+        n_split = cfg.parallel.microbatches
+        accum = cfg.train.grad_accum * n_split
         sums = {"loss": 0.0, "ce": 0.0}
         pens, rhos, tokens = [], [], 0
-        for micro in range(accum):
-            r = forward_backward(self.model, self.source.next_batch(), depth, cfg.stars, step=self.step,
-                                 micro=micro, seed=cfg.seed, loss_scale=1.0 / accum, dtype=cfg.train.dtype)
-            sums["loss"] += r.loss / accum
-            sums["ce"] += r.ce / accum
-            tokens += r.tokens
-            if r.rho is not None:
-                pens.append(r.penalty)
-                rhos.append(r.rho)
+        micro = 0
+        for _ in range(cfg.train.grad_accum):
+            for mb in split_microbatches(self.source.next_batch(), n_split):
+                r = forward_backward(self.model, mb, depth, cfg.stars, step=self.step, micro=micro, seed=cfg.seed,
+                                     loss_scale=1.0 / accum, dtype=cfg.train.dtype)
+                micro += 1
+                sums["loss"] += r.loss / accum
+                sums["ce"] += r.ce / accum
+                tokens += r.tokens
+                if r.rho is not None:
+                    pens.append(r.penalty)
+                    rhos.append(r.rho)
         clip = cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]

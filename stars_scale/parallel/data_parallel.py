@@ -1,0 +1,186 @@
+"""Data parallelism and the optimizer step: plain DP (zero 0) or DeepSpeed ZeRO stage 1 / 2.
+
+Both engines expose the same three calls to the trainer:
+
+    engine.backward(root)   once per backward the schedule makes (pp = 1: per microbatch;
+                            pp > 1: once per step, see `pipeline`); `root` is already scaled
+    engine.step() -> norm   average the gradients over the data-parallel group, clip them by
+                            the true global norm, update, advance the learning-rate schedule
+    engine.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
+
+The global gradient norm counts every parameter once: tensor-parallel shards (megatron's
+`tensor_model_parallel` attribute) on every tensor rank, replicated parameters (norms, biases
+after a row-parallel layer) on tensor rank 0 only, summed over the model-parallel group
+(tp × pp). DeepSpeed does the same given `DeepSpeedMPU` (it reads `get_tensor_model_parallel_rank`).
+
+DeepSpeed on CPU: the accelerator is detected (`DS_ACCELERATOR=cpu` forces it), gloo carries the
+collectives, the optimizer is our torch AdamW (no fused-Adam build). Its first start builds a
+small shared-memory op into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from stars_scale.config import RunConfig
+from stars_scale.train.optim import build_optimizer, build_scheduler
+
+
+def _counted(p: torch.Tensor, tp_rank: int) -> bool:
+    return bool(getattr(p, "tensor_model_parallel", False)) or tp_rank == 0
+
+
+def global_grad_norm(params, ps) -> float:
+    """sqrt(Σ g²) over the whole model, every parameter counted once (grads already DP-averaged)."""
+    sq = torch.zeros((), dtype=torch.float64, device=ps.device)
+    for p in params:
+        if p.grad is not None and _counted(p, ps.tp_rank):
+            sq += p.grad.detach().double().pow(2).sum()
+    if ps.tp * ps.pp > 1:
+        dist.all_reduce(sq, group=ps.mp_group)
+    return float(sq.sqrt())
+
+
+class PlainDataParallel:
+    """zero 0: every rank holds all of its stage's optimizer state; gradients are all-reduced
+    (averaged) over the data-parallel group in one flat buffer per dtype after the backward."""
+
+    zero = 0
+
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, ps, backwards_per_step: int):
+        self.model, self.cfg, self.ps = model, cfg, ps
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
+
+    def backward(self, root: torch.Tensor) -> None:
+        root.backward()
+
+    def _allreduce_grads(self) -> None:
+        if self.ps.dp == 1:
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        for dtype in {g.dtype for g in grads}:
+            group = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in group])
+            dist.all_reduce(flat, group=self.ps.dp_group)
+            flat /= self.ps.dp
+            offset = 0
+            for g in group:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def step(self) -> float:
+        # A parameter without a gradient (unused this step) has none on every data-parallel
+        # peer too; like torch's AdamW on one process, the update skips it.
+        self._allreduce_grads()
+        norm = global_grad_norm(self.params, self.ps)
+        clip = self.cfg.optim.grad_clip
+        if clip > 0 and math.isfinite(norm):
+            coef = clip / (norm + 1e-6)
+            if coef < 1.0:
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def state_bytes(self) -> dict[str, int]:
+        return _state_bytes(self.params, self.optimizer.state.values())
+
+
+def _state_bytes(params, states) -> dict[str, int]:
+    out = {"params": sum(p.numel() * p.element_size() for p in params), "grads": 0, "optimizer": 0}
+    for st in states:
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                out["optimizer"] += v.numel() * v.element_size()
+    return out
+
+
+class ZeroDataParallel:
+    """zero 1 / 2 through `deepspeed.initialize` with our AdamW, the mpu adapter and clipping.
+
+    DeepSpeed's gradient accumulation counts our backward calls (`backwards_per_step`), so its
+    boundary (reduction, clipping, update) falls on the last backward of each step.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, ps, backwards_per_step: int):
+        import os
+
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        import deepspeed
+
+        from stars_scale.parallel.state import DeepSpeedMPU
+
+        self.cfg, self.ps, self.zero = cfg, ps, cfg.parallel.zero
+        base = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(base, cfg.train.steps, cfg.optim)
+        rows = cfg.data.batch_size // (ps.dp * cfg.parallel.microbatches)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": max(1, rows),
+            "gradient_accumulation_steps": backwards_per_step,
+            "gradient_clipping": cfg.optim.grad_clip,
+            "zero_optimization": {"stage": self.zero, "overlap_comm": False, "contiguous_gradients": True,
+                                  "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+            "bf16": {"enabled": cfg.train.dtype == "bf16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base, config=ds_config,
+                                                                 mpu=DeepSpeedMPU(ps), dist_init_required=False)
+        self.base = base
+
+    def backward(self, root: torch.Tensor) -> None:
+        self.engine.backward(root, scale_wrt_gas=False)
+        self.engine.step()  # a no-op until the accumulation boundary (the step's last backward)
+
+    def step(self) -> float:
+        self.scheduler.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return self.base.param_groups[0]["lr"]
+
+    def save(self, directory, tag: str) -> None:
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"scheduler": self.scheduler.state_dict()})
+
+    def load(self, directory, tag: str) -> None:
+        _, client = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+        if client is None:
+            from stars_scale.errors import UserError
+
+            raise UserError(f"{directory}: no DeepSpeed checkpoint {tag!r} for this layout")
+        self.scheduler.load_state_dict(client["scheduler"])
+
+    def state_bytes(self) -> dict[str, int]:
+        params = [p for p in self.engine.module.parameters()]
+        out = {"params": sum(p.numel() * p.element_size() for p in params), "grads": 0, "optimizer": 0}
+        opt = self.optimizer
+        for t in getattr(opt, "single_partition_of_fp32_groups", []):  # the rank's fp32 master partition
+            out["optimizer"] += t.numel() * t.element_size()
+        out["optimizer"] += _state_bytes([], opt.optimizer.state.values())["optimizer"]
+        return out
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, ps, backwards_per_step: int):
+    cls = PlainDataParallel if cfg.parallel.zero == 0 else ZeroDataParallel
+    return cls(model, cfg, ps, backwards_per_step)

@@ -1,0 +1,227 @@
+"""Process groups: tp × pp × dp from megatron-core's `parallel_state`, and a DeepSpeed `mpu`.
+
+The world is factored as tp (fastest) × dp × pp (slowest), megatron-core's default order
+"tp-cp-ep-dp-pp": data parallelism is whatever remains after tp × pp. Backend: nccl when CUDA is
+available, gloo otherwise. Every layout check runs *before* `init_process_group`, so a bad
+layout fails with one clear `ConfigError` on every rank instead of hanging in a collective.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stars_scale.config import RunConfig
+from stars_scale.errors import ConfigError
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun / the Slurm wrapper export them (1 process: 0, 1, 0)."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def wants_parallel(cfg: RunConfig) -> bool:
+    """True when this run needs the multi-process trainer (launched by torchrun, or tp/pp > 1)."""
+    return world_from_env()[1] > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1
+
+
+def check_layout(cfg: RunConfig, world_size: int) -> int:
+    """Validate tp × pp × dp against the world size and the model; return dp. Raises ConfigError."""
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tp, p.pp
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"parallel.tp × parallel.pp = {tp} × {pp} = {tp * pp} does not divide the world size {world_size}: "
+            f"launch a multiple of {tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp/pp")
+    dp = world_size // (tp * pp)
+    kv = m.kv_heads or m.heads
+    if m.heads % tp:
+        raise ConfigError(f"model.heads={m.heads} is not divisible by parallel.tp={tp} "
+                          "(every tensor-parallel rank holds whole attention heads)")
+    if kv % tp:
+        raise ConfigError(f"model.kv_heads={kv} is not divisible by parallel.tp={tp} "
+                          "(every tensor-parallel rank holds whole key/value heads)")
+    from stars_scale.model.layers import mlp_hidden
+
+    if mlp_hidden(m) % tp:
+        raise ConfigError(f"model.mlp_hidden={mlp_hidden(m)} is not divisible by parallel.tp={tp}")
+    if pp > m.n_core:
+        raise ConfigError(f"parallel.pp={pp} is larger than model.n_core={m.n_core}: the pipeline splits the "
+                          "core's blocks over the stages, so every stage needs at least one core block")
+    rows = cfg.data.batch_size
+    if rows % (dp * p.microbatches):
+        raise ConfigError(f"data.batch_size={rows} is not divisible by dp × parallel.microbatches = "
+                          f"{dp} × {p.microbatches} (every microbatch needs the same number of rows)")
+    s = cfg.stars
+    estimating = s.lam > 0 or s.estimate_every > 0
+    if estimating and s.method != "fd" and (tp > 1 or pp > 1):
+        raise ConfigError(f"stars.method={s.method} needs double backward (or forward-mode AD) through the core "
+                          f"map, which tensor- and pipeline-parallel layers do not support: use stars.method: fd "
+                          f"with parallel.tp={tp}, parallel.pp={pp}")
+    if cfg.train.dtype == "bf16" and p.zero and not torch.cuda.is_available():
+        raise ConfigError("train.dtype=bf16 with parallel.zero > 0 needs CUDA (DeepSpeed's CPU path here is fp32)")
+    return dp
+
+
+@dataclass
+class ParallelState:
+    """This rank's place in the tp × pp × dp grid and the groups it talks over."""
+
+    rank: int
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    tp_group: object
+    dp_group: object
+    mp_group: object  # tp × pp: the model-parallel group (gradient norms are summed over it)
+    pp_group: object
+    pp_ranks: list  # global ranks of this rank's pipeline, stage order
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def next_rank(self) -> int:
+        """Global rank of the next stage; the last stage's next is the first (the loop's ring)."""
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp]
+
+    @property
+    def prev_rank(self) -> int:
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp]
+
+    @property
+    def is_logger(self) -> bool:
+        """The one rank that logs metrics and talks to MLflow: the last stage's first rank."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    @property
+    def logger_rank(self) -> int:
+        """Global rank of the logger (the last stage of dp rank 0, tp rank 0)."""
+        return self.tp * self.dp * (self.pp - 1)
+
+    @property
+    def layout(self) -> str:
+        return f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
+
+
+_STATE: ParallelState | None = None
+
+
+def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
+    """init_process_group + megatron-core's model-parallel groups; validated before anything blocks."""
+    global _STATE
+    rank, world, local_rank = world_from_env()
+    dp = check_layout(cfg, world)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ and world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    from megatron.core import parallel_state as mps
+
+    if mps.model_parallel_is_initialized():  # a new layout in the same world (tests run several)
+        mps.destroy_model_parallel()
+    mps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
+                                  pipeline_model_parallel_size=cfg.parallel.pp,
+                                  create_gloo_process_groups=False)
+    _STATE = ParallelState(
+        rank=rank, world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp,
+        tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
+        dp_rank=mps.get_data_parallel_rank(), device=device,
+        tp_group=mps.get_tensor_model_parallel_group(), dp_group=mps.get_data_parallel_group(),
+        mp_group=mps.get_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
+        pp_ranks=list(dist.get_process_group_ranks(mps.get_pipeline_model_parallel_group())),
+    )
+    return _STATE
+
+
+def current() -> ParallelState | None:
+    return _STATE
+
+
+def destroy_parallel() -> None:
+    global _STATE
+    from megatron.core import parallel_state as mps
+
+    mps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _STATE = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeepSpeedMPU:
+    """The `mpu` DeepSpeed asks for (duck-typed getters); megatron's parallel_state lacks
+    `get_model_parallel_rank/world_size`, so it cannot be passed as is.
+
+    model parallel = tp × pp (the group gradient norms are summed over); DeepSpeed counts a
+    parameter without the `tensor_model_parallel` attribute only on tensor-parallel rank 0, so a
+    replicated norm weight is counted once per pipeline stage.
+    """
+
+    def __init__(self, ps: ParallelState):
+        self.ps = ps
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.ps.mp_group)
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.ps.tp * self.ps.pp
+
+    def get_model_parallel_group(self):
+        return self.ps.mp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.ps.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.ps.tp
+
+    def get_tensor_model_parallel_group(self):
+        return self.ps.tp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.ps.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.ps.pp
+
+    def get_pipeline_model_parallel_group(self):
+        return self.ps.pp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.ps.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.ps.dp
+
+    def get_data_parallel_group(self):
+        return self.ps.dp_group

@@ -1,0 +1,208 @@
+"""Tensor parallelism applied to the plain LoopedLM (torchtitan's `parallelize` style).
+
+    q/k/v_proj, gate/up_proj   -> ColumnParallelLinear   (output features split: whole heads)
+    o_proj, down_proj          -> RowParallelLinear      (input features split, all-reduce)
+    adapter Linear(2h -> h)    -> RowParallelLinear      (input_is_parallel=False: scatter cat(s, e))
+    embed                      -> VocabParallelEmbedding (vocab rows split)
+    lm_head                    -> VocabParallelHead      (column-parallel logits, tied or not)
+    loss                       -> vocab_parallel_cross_entropy
+
+megatron-core layers run on CPU/gloo with `use_cpu_initialization=True` and no sequence parallel.
+Weights are not initialised by megatron: the full single-device model is built from the seed
+first and its weights are sliced into the parallel layers (`shard_parameter`), so every layout
+starts from the same full weights. A vocabulary that tp does not divide is padded; the padded
+logits are masked to -inf-like values and the padded embedding rows stay zero.
+
+Every parameter megatron splits carries `tensor_model_parallel=True` and `partition_dim`; the
+head's own weight gets the same attributes. `full_state_dict` inverts the sharding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stars_scale.data.arithmetic import IGNORE
+
+_NEG = -1e30  # padded logits: exp() underflows to exactly 0
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    return int(math.ceil(vocab / tp) * tp)
+
+
+def _mp_config(tp: int, dtype: torch.dtype):
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=False, sequence_parallel=False,
+                               gradient_accumulation_fusion=False, params_dtype=dtype)
+
+
+def mark_split(param: torch.Tensor | None, dim: int | None) -> None:
+    """megatron's tensor-parallel attributes (megatron sets them only when it initialises)."""
+    if param is None:
+        return
+    param.tensor_model_parallel = dim is not None
+    param.partition_dim = -1 if dim is None else dim
+    param.partition_stride = 1
+
+
+def shard_parameter(local: torch.Tensor, full: torch.Tensor, tp_rank: int) -> None:
+    """Copy this rank's slice of `full` into `local` (along `local.partition_dim`; zero padding)."""
+    with torch.no_grad():
+        if not getattr(local, "tensor_model_parallel", False):
+            local.copy_(full)
+            return
+        dim = local.partition_dim
+        n = local.shape[dim]
+        lo = tp_rank * n
+        piece = full.narrow(dim, lo, max(0, min(n, full.shape[dim] - lo)))
+        local.zero_()
+        local.narrow(dim, 0, piece.shape[dim]).copy_(piece)
+
+
+class ColumnParallel(nn.Module):
+    """megatron-core ColumnParallelLinear returning a tensor, as nn.Linear does."""
+
+    def __init__(self, linear: nn.Linear, config, tp_rank: int):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        self.inner = ColumnParallelLinear(linear.in_features, linear.out_features, config=config,
+                                          init_method=nn.init.zeros_, bias=linear.bias is not None,
+                                          gather_output=False, skip_bias_add=False)
+        mark_split(self.inner.weight, 0)
+        mark_split(self.inner.bias, 0)
+        shard_parameter(self.inner.weight, linear.weight, tp_rank)
+        if linear.bias is not None:
+            shard_parameter(self.inner.bias, linear.bias, tp_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[0]
+
+
+class RowParallel(nn.Module):
+    """megatron-core RowParallelLinear returning a tensor (bias added after the all-reduce)."""
+
+    def __init__(self, linear: nn.Linear, config, tp_rank: int, input_is_parallel: bool = True):
+        super().__init__()
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        self.inner = RowParallelLinear(linear.in_features, linear.out_features, config=config,
+                                       init_method=nn.init.zeros_, bias=linear.bias is not None,
+                                       input_is_parallel=input_is_parallel, skip_bias_add=False)
+        mark_split(self.inner.weight, 1)
+        mark_split(self.inner.bias, None)
+        shard_parameter(self.inner.weight, linear.weight, tp_rank)
+        if linear.bias is not None:
+            shard_parameter(self.inner.bias, linear.bias, tp_rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)[0]
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, emb: nn.Embedding, config, tp: int, tp_rank: int):
+        super().__init__()
+        from megatron.core.tensor_parallel import VocabParallelEmbedding as VPE
+
+        self.num_embeddings = emb.num_embeddings
+        self.inner = VPE(padded_vocab(emb.num_embeddings, tp), emb.embedding_dim, init_method=nn.init.zeros_,
+                         config=config)
+        mark_split(self.inner.weight, 0)
+        shard_parameter(self.inner.weight, emb.weight, tp_rank)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(ids)
+
+
+class VocabParallelHead(nn.Module):
+    """Logits over this rank's vocabulary slice: [..., V_pad / tp], padded columns masked.
+
+    Tied: the weight is the embedding's (a reference, not a second parameter) or, on a pipeline's
+    last stage, a tensor received from the first stage each step (`external_weight`).
+    """
+
+    def __init__(self, head: nn.Linear, vocab: int, config, tp: int, tp_rank: int, tied_to: nn.Module | None):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        self.vocab, self.tp, self.tp_rank = vocab, tp, tp_rank
+        self.vocab_padded = padded_vocab(vocab, tp)
+        self._tied = [tied_to] if tied_to is not None else None  # a list: not registered as a child
+        self.external_weight: torch.Tensor | None = None
+        self.inner = ColumnParallelLinear(head.in_features, self.vocab_padded, config=config,
+                                          init_method=nn.init.zeros_, bias=False, gather_output=False,
+                                          skip_bias_add=False, skip_weight_param_allocation=tied_to is not None)
+        if tied_to is None:
+            mark_split(self.inner.weight, 0)
+            shard_parameter(self.inner.weight, head.weight, tp_rank)
+        n = self.vocab_padded // tp
+        valid = torch.arange(tp_rank * n, (tp_rank + 1) * n) < vocab
+        self.register_buffer("valid", valid, persistent=False)
+
+    @property
+    def tied(self) -> bool:
+        return self._tied is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None
+        if self.tied:
+            weight = self.external_weight if self.external_weight is not None else self._tied[0].weight
+        logits = self.inner(x, weight=weight)[0]
+        if not bool(self.valid.all()):
+            logits = logits.masked_fill(~self.valid, _NEG)
+        return logits
+
+
+def _swap(parent: nn.Module, name: str, new: nn.Module) -> None:
+    setattr(parent, name, new)
+
+
+def parallelize_tensor(model, tp: int, tp_rank: int) -> None:
+    """Replace the model's Linear/Embedding layers with tensor-parallel ones, in place.
+
+    Needs megatron-core's model-parallel groups (`stars_scale.parallel.state.init_parallel`).
+    Runs on the full model, before pipeline stages drop what they do not hold.
+    """
+    from stars_scale.model.layers import MLP, Attention
+
+    dtype = next(model.parameters()).dtype
+    config = _mp_config(tp, dtype)
+    for module in list(model.modules()):
+        if isinstance(module, Attention):
+            for name in ("q_proj", "k_proj", "v_proj"):
+                _swap(module, name, ColumnParallel(getattr(module, name), config, tp_rank))
+            module.o_proj = RowParallel(module.o_proj, config, tp_rank)
+        elif isinstance(module, MLP):
+            for name in ("gate_proj", "up_proj"):
+                if hasattr(module, name):
+                    _swap(module, name, ColumnParallel(getattr(module, name), config, tp_rank))
+            module.down_proj = RowParallel(module.down_proj, config, tp_rank)
+    if model.adapter is not None:
+        model.adapter = RowParallel(model.adapter, config, tp_rank, input_is_parallel=False)
+    tied = model.cfg.tie_embeddings
+    old_head = model.lm_head
+    model.embed = VocabParallelEmbedding(model.embed, config, tp, tp_rank)
+    model.lm_head = VocabParallelHead(old_head, model.cfg.vocab_size, config, tp, tp_rank,
+                                      tied_to=model.embed if tied else None)
+
+
+def vocab_parallel_ce(logits: torch.Tensor, labels: torch.Tensor, tp: int) -> torch.Tensor:
+    """Mean token cross entropy over labels != IGNORE; logits are vocab-parallel when tp > 1."""
+    flat = logits.float().flatten(0, -2)
+    target = labels.flatten()
+    if tp == 1:
+        return F.cross_entropy(flat[:, : flat.shape[-1]], target, ignore_index=IGNORE)
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    mask = target != IGNORE
+    per_token = vocab_parallel_cross_entropy(flat.unsqueeze(1), target.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return (per_token * mask).sum() / mask.sum()
