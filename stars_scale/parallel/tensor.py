@@ -84,16 +84,40 @@ class ColumnParallel(nn.Module):
         return self.inner(x)[0]
 
 
+class _ScatterLastDim(torch.autograd.Function):
+    """This rank's slice of the last dim; backward all-gathers the gradient. (megatron-core's
+    `scatter_to_tensor_model_parallel_region` allocates its backward buffer with torch.cuda.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group, tp: int, tp_rank: int) -> torch.Tensor:
+        ctx.group, ctx.tp = group, tp
+        n = x.shape[-1] // tp
+        return x[..., tp_rank * n:(tp_rank + 1) * n].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(grad) for _ in range(ctx.tp)]
+        dist.all_gather(parts, grad.contiguous(), group=ctx.group)
+        return torch.cat(parts, dim=-1), None, None, None
+
+
 class RowParallel(nn.Module):
-    """megatron-core RowParallelLinear returning a tensor (bias added after the all-reduce)."""
+    """megatron-core RowParallelLinear returning a tensor (bias added after the all-reduce).
+
+    `input_is_parallel=False`: the full input is sliced here first (the injection adapter)."""
 
     def __init__(self, linear: nn.Linear, config, tp_rank: int, input_is_parallel: bool = True):
         super().__init__()
+        from megatron.core import parallel_state as mps
         from megatron.core.tensor_parallel import RowParallelLinear
 
+        self.scatter = None if input_is_parallel else (mps.get_tensor_model_parallel_group(),
+                                                       config.tensor_model_parallel_size, tp_rank)
         self.inner = RowParallelLinear(linear.in_features, linear.out_features, config=config,
                                        init_method=nn.init.zeros_, bias=linear.bias is not None,
-                                       input_is_parallel=input_is_parallel, skip_bias_add=False)
+                                       input_is_parallel=True, skip_bias_add=False)
         mark_split(self.inner.weight, 1)
         mark_split(self.inner.bias, None)
         shard_parameter(self.inner.weight, linear.weight, tp_rank)
@@ -101,6 +125,8 @@ class RowParallel(nn.Module):
             shard_parameter(self.inner.bias, linear.bias, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scatter is not None:
+            x = _ScatterLastDim.apply(x, *self.scatter)
         return self.inner(x)[0]
 
 
@@ -153,9 +179,9 @@ class VocabParallelHead(nn.Module):
         return self._tied is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None
-        if self.tied:
-            weight = self.external_weight if self.external_weight is not None else self._tied[0].weight
+        weight = self.external_weight
+        if weight is None and self.tied:
+            weight = self._tied[0].weight
         logits = self.inner(x, weight=weight)[0]
         if not bool(self.valid.all()):
             logits = logits.masked_fill(~self.valid, _NEG)
