@@ -11,36 +11,13 @@ reduction order (tensor-parallel all-reduce, DP averaging) makes: with the defau
 """
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
 
 import pytest
 import torch
 
-from stars_scale.config import config_from_dict
-from stars_scale.parallel.testing import spawn
-
-STEPS = 5
-BASE = {
-    "seed": 3,
-    "model": {"vocab_size": 15, "hidden": 32, "heads": 2, "max_seq_len": 16, "mlp_hidden": 64, "n_core": 2,
-              "bias": False, "injection": "concat-linear", "init_state": "random"},
-    # depth 3..5 with gradients through the last 2 iterations: free iterations on every layout
-    "depth": {"dist": "lognormal", "mu": 1.0, "sigma": 0.5, "max": 5, "backprop": 2},
-    "stars": {"lam": 0.1, "method": "fd", "iters": 2, "warmup_steps": 1, "fd_eps": 0.5},
-    "data": {"digits": 2, "batch_size": 8, "test_size": 32},
-    "optim": {"lr": 0.003, "warmup_steps": 1, "grad_clip": 0.5},
-    "train": {"steps": STEPS, "progress": False},
-    "tracking": {"mlflow": False},
-}
-
-
-def make_cfg(parallel: dict, train: dict | None = None):
-    d = copy.deepcopy(BASE)
-    d["parallel"] = dict(parallel)
-    d["train"].update(train or {})
-    return config_from_dict(d)
+from stars_scale.parallel.testing import STEPS, make_cfg, spawn
 
 
 def _train_layouts(rank: int, world: int, layouts: list, out: str):

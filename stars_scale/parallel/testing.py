@@ -6,6 +6,7 @@ failing rank's traceback). Used by tests/test_parallel_*.py and bench/pipeline_b
 """
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import socket
@@ -14,6 +15,30 @@ import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
+
+from stars_scale.config import RunConfig, config_from_dict
+
+STEPS = 5
+BASE = {
+    "seed": 3,
+    "model": {"vocab_size": 15, "hidden": 32, "heads": 2, "max_seq_len": 16, "mlp_hidden": 64, "n_core": 2,
+              "bias": False, "injection": "concat-linear", "init_state": "random"},
+    # depth 3..5 with gradients through the last 2 iterations: free iterations on every layout
+    "depth": {"dist": "lognormal", "mu": 1.0, "sigma": 0.5, "max": 5, "backprop": 2},
+    "stars": {"lam": 0.1, "method": "fd", "iters": 2, "warmup_steps": 1, "fd_eps": 0.5},
+    "data": {"digits": 2, "batch_size": 8, "test_size": 32},
+    "optim": {"lr": 0.003, "warmup_steps": 1, "grad_clip": 0.5},
+    "train": {"steps": STEPS, "progress": False},
+    "tracking": {"mlflow": False},
+}
+
+
+def make_cfg(parallel: dict, train: dict | None = None) -> RunConfig:
+    """The tiny looped model of the multi-rank tests with `parallel` and `train` overrides."""
+    d = copy.deepcopy(BASE)
+    d["parallel"] = dict(parallel)
+    d["train"].update(train or {})
+    return config_from_dict(d)
 
 
 def _free_port() -> int:
