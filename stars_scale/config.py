@@ -160,6 +160,8 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite in the cwd
     experiment: str = "stars_scale"
     run_name: Optional[str] = None
+    system_metrics: bool = False  # CPU/GPU/memory/network per node, sampled by MLflow
+    system_metrics_interval: float = 10.0
 
 
 @dataclass

@@ -184,3 +184,31 @@ class MlflowTracker:
         if not delivered:
             warnings.warn(f"MLflow: {self.buffered} metric points could not be delivered", stacklevel=2)
         self._call(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
+
+
+class NodeSystemMetrics:
+    """MLflow's system-metrics sampler (CPU, memory, disk, network, GPU) for one node of a run.
+
+    Start it in one process per node (local rank 0); `node_id` prefixes the metric names so the
+    nodes of a multi-node run stay apart. Failures only warn: tracking never stops training.
+    """
+
+    def __init__(self, run_id: str, tracking_uri: str, node_id: str, interval: float = 10.0):
+        self._monitor = None
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id,
+                                                 tracking_uri=tracking_uri, resume_logging=True)
+            self._monitor.start()
+        except Exception as e:
+            warnings.warn(f"MLflow system metrics unavailable ({type(e).__name__}: {e})", stacklevel=2)
+            self._monitor = None
+
+    def close(self) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as e:
+                warnings.warn(f"MLflow system metrics: {type(e).__name__}: {e}", stacklevel=2)
+            self._monitor = None

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from stars_scale.errors import UserError
 from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
 from stars_scale.model.looped import LoopedLM
 from stars_scale.stars.depth import DepthSampler, median_depth
-from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
+from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.optim import build_optimizer, build_scheduler
 from stars_scale.train.step import forward_backward, split_microbatches
@@ -106,6 +107,7 @@ class Trainer:
         elif cfg.init.from_:
             self._init_from_converted(cfg.init.from_)
         self.tracker: MlflowTracker | None = None
+        self.system_metrics: NodeSystemMetrics | None = None
         self.preempt = PreemptionFlag()
         self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
@@ -180,12 +182,23 @@ class Trainer:
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
         fresh = self.run_id is None
-        self.tracker = MlflowTracker(uri, t.experiment, run_name=t.run_name or self.out.name, run_id=self.run_id,
-                                     tags=tags, parent_run_id=os.environ.get("STARS_MLFLOW_PARENT_RUN_ID"))
+        try:
+            self.tracker = MlflowTracker(uri, t.experiment, run_name=t.run_name or self.out.name, run_id=self.run_id,
+                                         tags=tags, parent_run_id=os.environ.get("STARS_MLFLOW_PARENT_RUN_ID"))
+        except Exception as e:  # an unreachable server must not stop training
+            warnings.warn(f"MLflow at {uri} unreachable when the run started ({type(e).__name__}: {e}); "
+                          f"metrics go to {self.out / 'metrics.jsonl'} only")
+            return
         self.run_id = self.tracker.run_id
         if fresh:
             self.tracker.log_params(flatten_dict(self.cfg.to_dict()))
             self.tracker.log_artifact(self.out / "config.yaml")
+        if t.system_metrics and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            import socket
+
+            node = os.environ.get("SLURM_NODEID") or socket.gethostname()
+            self.system_metrics = NodeSystemMetrics(self.run_id, uri, node_id=f"node{node}" if node.isdigit() else node,
+                                                    interval=t.system_metrics_interval)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -340,6 +353,8 @@ class Trainer:
             if bar is not None:
                 bar.close()
             self.preempt.restore()
+            if self.system_metrics is not None:
+                self.system_metrics.close()
             if self.tracker is not None:
                 # a preempted run stays RUNNING in MLflow: the requeued job continues it
                 self.tracker.close(status="RUNNING" if self.preempt.raised else status)
