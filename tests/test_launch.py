@@ -314,3 +314,12 @@ def test_wrapper_finds_worker_processes_with_and_without_pgrep():
         for pid in kids:
             os.kill(int(pid), 15)
         parent.wait(10)
+
+
+def test_no_slurm_config_means_no_cluster(monkeypatch, tmp_path):
+    """sinfo retries for a minute without a config: do not even start it then."""
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "missing.conf"))
+    assert not slurm.slurm_configured()
+    assert slurm.cluster_partitions() is None
+    (tmp_path / "missing.conf").write_text("ClusterName=x\n")
+    assert slurm.slurm_configured()

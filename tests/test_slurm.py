@@ -7,7 +7,9 @@ gloo all_reduce across the job's ranks and writes what each rank saw under <out>
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -202,6 +204,30 @@ def test_array_sweep_one_task_per_value_under_an_mlflow_parent(slurm_cluster, ml
     assert seen == {0: 0.0, 1: 0.1}
 
 
+def alive(pid: int) -> bool:
+    """Running and not a zombie (daemons are reparented to pid 1, which may reap them late)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def processes_with_env(entry: str, comm: str | None = None) -> list[int]:
+    """Live processes whose environment holds `entry` (e.g. SLURM_CONF=...)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or not alive(int(proc.name)):
+            continue
+        try:
+            if comm and (proc / "comm").read_text().strip() != comm:
+                continue
+            if entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                out.append(int(proc.name))
+        except OSError:
+            continue
+    return out
+
+
 def test_cluster_script_up_down_stops_exactly_its_daemons(slurm_cluster):
     """A second, private cluster: `down` stops the daemons `up` started and nothing else."""
     state = Path(tempfile.mkdtemp(prefix="stars-slurm-t-", dir="/tmp"))
@@ -216,11 +242,18 @@ def test_cluster_script_up_down_stops_exactly_its_daemons(slurm_cluster):
         again = other.up()  # idempotent: a running cluster is left as it is
         assert again.returncode == 0 and "already up" in again.stderr
         assert {f.name: int(f.read_text()) for f in (state / "run").glob("*.pid")} == pids
+        # A running 2-node job whose controller dies first: `down` still leaves no job process.
+        job = other.run("sbatch", "--parsable", "-N2", "-o", "/dev/null", "--wrap",
+                        "trap '' TERM; srun sleep 300").stdout.strip()
+        wait_for(lambda: other.job_state(job) == "RUNNING"
+                 and len(processes_with_env(f"SLURM_CONF={other.conf}", "sleep")) == 2,
+                 60, "the job's two sleeps", other.logs_tail)
+        os.kill(pids["slurmctld.pid"], signal.SIGTERM)
         down = other.down()
         assert down.returncode == 0, down.stderr
         for name, pid in pids.items():
-            stat = Path(f"/proc/{pid}/stat")
-            assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", name
+            assert not alive(pid), name
+        assert processes_with_env(f"SLURM_CONF={other.conf}") == []
         assert other.status().returncode == 1
         # the session's cluster is untouched
         assert slurm_cluster.status().returncode == 0

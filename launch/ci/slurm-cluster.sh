@@ -138,19 +138,51 @@ nodes_ready() {
     ! grep -qvE '^(idle|mixed|allocated|completing)$' <<<"$states"
 }
 
+# slurmstepd processes of this cluster (they carry its SLURM_CONF), then all their descendants
+cluster_step_pids() {
+    local stat pid fields comm ppid
+    local -A parent=() ours=()
+    for stat in /proc/[0-9]*/stat; do
+        pid=${stat#/proc/}; pid=${pid%/stat}
+        fields=$(<"$stat") 2>/dev/null || continue
+        comm=${fields#*(}; comm=${comm%%)*}
+        read -r -a fields <<<"${fields##*) }"  # state ppid ...
+        parent[$pid]=${fields[1]}
+        if [[ $comm == slurmstepd ]] && tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
+            ours[$pid]=1
+        fi
+    done
+    local changed=1
+    while ((changed)); do
+        changed=0
+        for pid in "${!parent[@]}"; do
+            ppid=${parent[$pid]}
+            if [[ -z ${ours[$pid]:-} && -n ${ours[$ppid]:-} ]]; then ours[$pid]=1; changed=1; fi
+        done
+    done
+    echo "${!ours[@]}"
+}
+
 stop_all() {
-    local n
+    local n i
     if live_pid "$(slurmctld_pidfile)" >/dev/null; then
-        # Cancel our jobs so no slurmstepd or job process outlives the cluster.
-        timeout 10 scancel --full --user="$(id -un)" 2>/dev/null || true
-        local i
-        for ((i = 0; i < 50; i++)); do
+        # Cancel our jobs and let them end (KillWait + margin) so nothing outlives the cluster.
+        timeout 10 scancel --user="$(id -un)" 2>/dev/null || true
+        for ((i = 0; i < 150; i++)); do
             [[ -z $(timeout 5 squeue -h -o %i 2>/dev/null) ]] && break
             sleep 0.2
         done
     fi
     for n in $(node_names); do stop_pidfile "$(slurmd_pidfile "$n")" "slurmd $n"; done
     stop_pidfile "$(slurmctld_pidfile)" slurmctld
+    # Job steps that did not end with their job (their srun waits on a controller that is gone).
+    local left
+    left=$(cluster_step_pids)
+    if [[ -n $left ]]; then
+        log "killing job-step processes left behind: $left"
+        # shellcheck disable=SC2086
+        kill -KILL $left 2>/dev/null || true
+    fi
     stop_pidfile "$(munged_pidfile)" munged
 }
 

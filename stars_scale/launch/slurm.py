@@ -96,9 +96,23 @@ def check_sbatch_arg(value: str) -> str:
 # --------------------------------------------------------------------------- cluster queries
 
 
+# Where Slurm clients find slurm.conf when SLURM_CONF is unset (packaged, source builds,
+# configless caches of sackd/slurmd).
+_CONF_PATHS = ("/etc/slurm/slurm.conf", "/etc/slurm-llnl/slurm.conf", "/usr/local/etc/slurm.conf",
+               "/run/slurm/conf/slurm.conf", "/var/spool/slurmd/conf-cache/slurm.conf")
+
+
+def slurm_configured() -> bool:
+    """Whether a Slurm client here has a config to read (sinfo retries for 60 s without one)."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf:
+        return Path(conf).is_file()
+    return any(Path(p).is_file() for p in _CONF_PATHS)
+
+
 def cluster_partitions(timeout: float = 20.0) -> list[str] | None:
     """Partition names from sinfo, or None when no Slurm cluster is reachable from here."""
-    if shutil.which("sinfo") is None:
+    if shutil.which("sinfo") is None or not slurm_configured():
         return None
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%R"], capture_output=True, text=True,
