@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         trainer = make_trainer(cfg, out, resume=args.resume, stop_after_steps=args.stop_after_steps)
         result = trainer.run()
+        ps = getattr(trainer, "ps", None)
+        if ps is not None and not ps.is_logger:  # under torchrun, one rank reports
+            return 0
         summary = {k: result.get(k) for k in ("step", "loss", "ce", "rho") if k in result}
         ds = result.get("depth_scaling")
         if ds and ds.get("accuracy") is not None:

@@ -20,6 +20,7 @@ resuming needs the same layout.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -29,16 +30,14 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig, load_config, save_config
-from stars_scale.data.sources import build_task, build_train_source
+from stars_scale.data.sources import build_train_source
 from stars_scale.errors import UserError
-from stars_scale.eval.depth_scaling import depth_sweep
 from stars_scale.model.looped import LoopedLM
 from stars_scale.parallel.consolidate import full_state_dict
 from stars_scale.parallel.data_parallel import build_engine
 from stars_scale.parallel.pipeline import LoopPipeline, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
-from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.step import forward_backward, split_microbatches
 from stars_scale.train.trainer import PreemptionFlag, Trainer
@@ -64,40 +63,47 @@ class SyncedPreemption(PreemptionFlag):
 class ParallelTrainer(Trainer):
     def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: str | bool | None = None,
                  stop_after_steps: int | None = None):
-        self.ps = ps = init_parallel(cfg)
-        if not ps.is_logger:  # one progress bar
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
-        self.cfg = cfg
-        self.out = Path(out_dir)
-        self.stop_after_steps = stop_after_steps
-        self.device = ps.device
-        self.resume_from = self._resolve_resume(resume)
-        if ps.rank == 0:
-            self._prepare_out_dir()
-        dist.barrier()
-
-        torch.manual_seed(cfg.seed)
-        model = LoopedLM(cfg.model)  # the full model from the seed, as on one process
-        model.checkpointing = cfg.train.checkpointing
-        if ps.tp > 1:
-            parallelize_tensor(model, ps.tp, ps.tp_rank)
-        self.core_offset, _ = split_stage(model, ps.pp, ps.pp_rank)
-        self.model = model.to(self.device)
-        self.task = build_task(cfg)
-        self.source = build_train_source(cfg, ps.dp_rank, ps.dp)
-        self.sampler = DepthSampler(cfg.depth, cfg.seed)
-        n_micro = cfg.train.grad_accum * cfg.parallel.microbatches
-        self.engine = build_engine(self.model, cfg, ps, 1 if ps.pp > 1 else n_micro)
-        self.pipeline = LoopPipeline(self.model, ps) if ps.pp > 1 else None
-        self.step = 0
-        self.tokens_seen = 0
-        self.run_id: str | None = None
         self.depth_history: list[int] = []
-        if self.resume_from is not None:
-            self._load(self.resume_from)
-        self.tracker = None
-        self.system_metrics = None
-        self.preempt = SyncedPreemption()
+        super().__init__(cfg, out_dir, resume=resume, stop_after_steps=stop_after_steps)
+
+    # ------------------------------------------------------------------ setup hooks
+
+    def _setup_processes(self) -> None:
+        self.ps = ps = init_parallel(self.cfg)
+        self.device = ps.device
+        if not ps.is_logger:  # one progress bar
+            self.cfg = dataclasses.replace(self.cfg, train=dataclasses.replace(self.cfg.train, progress=False))
+
+    def _prepare_out_dir(self) -> None:
+        error = None
+        if self.ps.rank == 0:
+            try:
+                super()._prepare_out_dir()
+            except UserError as e:
+                error = str(e)
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # every rank stops with the same clear error
+        if box[0] is not None:
+            raise UserError(box[0])
+
+    def _build_model(self):
+        model = super()._build_model().cpu()  # the full model from the seed (or init.from), as on one process
+        if self.ps.tp > 1:
+            parallelize_tensor(model, self.ps.tp, self.ps.tp_rank)
+        self.core_offset, _ = split_stage(model, self.ps.pp, self.ps.pp_rank)
+        return model.to(self.device)
+
+    def _build_source(self):
+        return build_train_source(self.cfg, self.ps.dp_rank, self.ps.dp)
+
+    def _build_optimizer(self) -> None:
+        n_micro = self.cfg.train.grad_accum * self.cfg.parallel.microbatches
+        self.engine = build_engine(self.model, self.cfg, self.ps, 1 if self.ps.pp > 1 else n_micro)
+        self.scheduler = self.engine.scheduler
+        self.pipeline = LoopPipeline(self.model, self.ps) if self.ps.pp > 1 else None
+
+    def _make_preemption(self) -> SyncedPreemption:
+        return SyncedPreemption()
 
     # ------------------------------------------------------------------ tracking / logging
 
@@ -247,24 +253,22 @@ class ParallelTrainer(Trainer):
         model.load_state_dict(full)
         return model.to(self.device).eval()
 
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
+    @contextlib.contextmanager
+    def _consolidated(self):
+        """The base class's evaluation on the consolidated model (logger rank only)."""
         model = self.full_model()
-        if model is None:
-            return {}
-        batch = self.task.test_batch(limit=self.cfg.eval.samples)
-        res = depth_sweep(model, batch, [median_depth(self.cfg.depth)], rho_iters=1, rho_samples=1,
-                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.seed)
-        return {"val_acc": res["accuracy"][0], "val_loss": res["loss"][0]}
+        plain, self.model = self.model, model
+        try:
+            yield model
+        finally:
+            self.model = plain
+
+    def validate(self) -> dict[str, float]:
+        with self._consolidated() as model:
+            return super().validate() if model is not None else {}
 
     def evaluate_depths(self) -> dict | None:
         if not self.cfg.eval.depths:
             return None
-        model = self.full_model()
-        if model is None:
-            return None
-        plain, self.model = self.model, model
-        try:
-            return super().evaluate_depths()
-        finally:
-            self.model = plain
+        with self._consolidated() as model:
+            return super().evaluate_depths() if model is not None else None

@@ -85,7 +85,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.stop_after_steps = stop_after_steps
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._setup_processes()
         self.resume_from = self._resolve_resume(resume)
         self._prepare_out_dir()
 
@@ -93,25 +93,44 @@ class Trainer:
             raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by parallel.microbatches="
                             f"{cfg.parallel.microbatches}")
         torch.manual_seed(cfg.seed)
-        self.model = LoopedLM(cfg.model).to(self.device)
-        self.model.checkpointing = cfg.train.checkpointing
-        self.source = build_train_source(cfg)
+        self.model = self._build_model()
+        self.source = self._build_source()
         self.sampler = DepthSampler(cfg.depth, cfg.seed)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
+        self._build_optimizer()
         self.step = 0
         self.tokens_seen = 0
         self.run_id: str | None = None
         if self.resume_from is not None:
             self._load(self.resume_from)
-        elif cfg.init.from_:
-            self._init_from_converted(cfg.init.from_)
         self.tracker: MlflowTracker | None = None
         self.system_metrics: NodeSystemMetrics | None = None
-        self.preempt = PreemptionFlag()
+        self.preempt = self._make_preemption()
         self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
     # ------------------------------------------------------------------ setup
+    # (hooks: stars_scale.parallel.train.ParallelTrainer overrides the process, model, source and
+    # optimizer pieces and keeps the rest of the loop)
+
+    def _setup_processes(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _build_model(self) -> LoopedLM:
+        """The full single-device model: from the seed, or from converted weights (init.from)."""
+        model = LoopedLM(self.cfg.model)
+        model.checkpointing = self.cfg.train.checkpointing
+        if self.resume_from is None and self.cfg.init.from_:
+            self._init_from_converted(model, self.cfg.init.from_)
+        return model.to(self.device)
+
+    def _build_source(self):
+        return build_train_source(self.cfg)
+
+    def _build_optimizer(self) -> None:
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train.steps, self.cfg.optim)
+
+    def _make_preemption(self) -> PreemptionFlag:
+        return PreemptionFlag()
 
     def _resolve_resume(self, resume: str | bool | None) -> Path | None:
         if not resume:
@@ -145,7 +164,7 @@ class Trainer:
         self.run_id = state.get("mlflow_run_id")
         self._truncate_metrics(self.step)
 
-    def _init_from_converted(self, path: str) -> None:
+    def _init_from_converted(self, model: LoopedLM, path: str) -> None:
         """Continued pretraining: weights from `stars-convert import` output (optimizer starts fresh)."""
         from stars_scale.convert import load_converted
 
@@ -155,7 +174,7 @@ class Trainer:
                      for k in vars(model_cfg) if getattr(model_cfg, k) != getattr(self.cfg.model, k)]
             raise UserError(f"init.from {path}: the converted model differs from this run's model config "
                             f"({'; '.join(diffs)}); fix the config or set init.strict: false")
-        missing, unexpected = self.model.load_state_dict(state, strict=self.cfg.init.strict)
+        missing, unexpected = model.load_state_dict(state, strict=self.cfg.init.strict)
         if missing or unexpected:
             print(f"init.from {path}: {len(missing)} missing and {len(unexpected)} unexpected tensors "
                   "(init.strict: false)", file=sys.stderr)
