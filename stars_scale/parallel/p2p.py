@@ -13,6 +13,8 @@ replays the forward's communication in exact reverse on every stage.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -22,6 +24,7 @@ class Mailbox:
 
     def __init__(self) -> None:
         self.pending: list[tuple[object, torch.Tensor]] = []
+        self.recv_wait_s = 0.0  # time blocked in receives: this stage's share of the bubble
 
     def isend(self, tensor: torch.Tensor, dst: int) -> None:
         buf = tensor.detach().contiguous()
@@ -29,7 +32,9 @@ class Mailbox:
 
     def recv(self, shape, dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=device)
+        t0 = time.perf_counter()
         dist.recv(out, src)
+        self.recv_wait_s += time.perf_counter() - t0
         return out
 
     def wait_all(self) -> None:

@@ -32,7 +32,8 @@ take part.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -139,23 +140,30 @@ class _FD:
 
 @dataclass
 class StageStats:
-    """Wall time this stage spent computing (not waiting on receives) in the last step."""
+    """Timing of this stage's last step (perf_counter is system-wide: comparable across ranks).
 
-    busy_s: float = 0.0
-    tasks: int = 0
-    events: list = field(default_factory=list)
+    The stage works from `start` to `end` except while blocked in a receive (`recv_wait_s`);
+    with the spans of all stages, 1 - Σ busy / (P · (max end - min start)) is the bubble."""
+
+    start: float = 0.0
+    end: float = 0.0
+    recv_wait_s: float = 0.0
+    passes: int = 0
+
+    @property
+    def busy_s(self) -> float:
+        return self.end - self.start - self.recv_wait_s
 
 
 class LoopPipeline:
     """Runs one training step's microbatches over the ring; `backward(root)` once per stage."""
 
-    def __init__(self, model, ps, record: bool = False):
+    def __init__(self, model, ps):
         self.model = model
         self.ps = ps
         self.tp = ps.tp
         self.first, self.last = ps.is_first_stage, ps.is_last_stage
         self.tied = model.cfg.tie_embeddings and ps.pp > 1
-        self.record = record
         self.stats = StageStats()
 
     # ------------------------------------------------------------------ pieces
@@ -189,8 +197,6 @@ class LoopPipeline:
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
                          backward) -> list[MicroResult]:
-        import time
-
         ps, model = self.ps, self.model
         device = ps.device
         M = len(batches)
@@ -202,8 +208,7 @@ class LoopPipeline:
         anchor = torch.zeros((), device=device, requires_grad=True)
         roots: list[torch.Tensor] = []
         first_rank, last_rank = ps.pp_ranks[0], ps.pp_ranks[-1]
-        self.stats = StageStats()
-        t_step = time.perf_counter()
+        t_start = time.perf_counter()
 
         if self.tied:
             if self.first:
@@ -257,7 +262,6 @@ class LoopPipeline:
                             x = mail.recv(shape(m, k), torch.float32, device, ps.prev_rank)
                         e = None
                     # ---- compute
-                    t0 = time.perf_counter()
                     with torch.set_grad_enabled(p.grad):
                         y = self._run(x, e, loop_ckpt and p.grad and p.kind == "iter",
                                       draws[m][1] if p.kind == "fd" else None)
@@ -275,10 +279,6 @@ class LoopPipeline:
                                 roots.append(send_with_grad(nxt.float(), first_rank, mail))
                             else:
                                 mail.isend(nxt.float(), first_rank)
-                    self.stats.busy_s += time.perf_counter() - t0
-                    self.stats.tasks += 1
-                    if self.record:
-                        self.stats.events.append((m, k, t0 - t_step, time.perf_counter() - t_step))
 
             if self.last:
                 for m in range(M):
@@ -287,10 +287,10 @@ class LoopPipeline:
                     roots.append(loss * loss_scale)
                     results[m] = (loss, pen)
         root = torch.stack([r.float() for r in roots]).sum()
-        t0 = time.perf_counter()
         backward(root)
-        self.stats.busy_s += time.perf_counter() - t0  # includes waiting on gradients from peers
         mail.wait_all()
+        self.stats = StageStats(start=t_start, end=time.perf_counter(), recv_wait_s=mail.recv_wait_s,
+                                passes=len(plan))
         if self.tied and self.last:
             model.lm_head.external_weight = None
         if not self.last:
