@@ -127,7 +127,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     checkpoint = json.loads((run_dir / "probe" / "checkpoint.json").read_text())
     assert checkpoint["attempt"] == 0 and checkpoint["world_size"] == 2
     for r in second:
-        assert r["resume"] and r["argv"][-1] == "--resume"
+        assert r["resume"] and r["argv"][-2:] == ["--resume", "auto"]
         assert r["argv"][:4] == ["--config", str(run_dir / "slurm" / "config.yaml"), "--out", str(run_dir)]
         assert r["checkpoint_found"] == checkpoint
         assert not r["stopped_on_signal"]

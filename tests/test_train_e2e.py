@@ -135,3 +135,14 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_config):
               tmp_path, check=False)
     assert res.returncode == 2 and "already holds checkpoints" in res.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_resume_auto_starts_fresh_and_a_finished_run_is_left_alone(tmp_path, tiny_config):
+    base = ["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
+            "--set", "eval.depths=[]"]
+    run(base + ["--resume", "auto"], tmp_path)  # nothing to resume yet: a fresh run (a requeued job's case)
+    before = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert len(before.splitlines()) == 8
+    res = run(base + ["--resume"], tmp_path)  # already at train.steps: exits 0 and changes nothing
+    assert "already trained to step 8" in res.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == before

@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stars.lam=0.1 (repeatable)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
-                   help="resume from the latest checkpoint in --out, or from CKPT (a checkpoint or run dir)")
+                   help="resume from the latest checkpoint in --out, or from CKPT (a checkpoint or run dir); "
+                        "'--resume auto' starts fresh when --out has no checkpoint yet (requeued jobs)")
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                    help="stop cleanly with a checkpoint after N steps of this invocation")
     return p

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", nargs="?", const=True, default=None)  # as stars-train: --resume [auto|CKPT]
     args = ap.parse_args(argv)
 
     def body() -> int:

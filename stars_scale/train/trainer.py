@@ -135,6 +135,8 @@ class Trainer:
     def _resolve_resume(self, resume: str | bool | None) -> Path | None:
         if not resume:
             return None
+        if resume == "auto":  # a requeued job: continue if a checkpoint exists, else start fresh
+            return ckpt.latest_checkpoint(self.out)
         if resume is True:
             latest = ckpt.latest_checkpoint(self.out)
             if latest is None:
@@ -326,6 +328,10 @@ class Trainer:
         last: dict[str, Any] = {}
         bar = None
         try:
+            if self.step >= cfg.train.steps:  # resumed a run that already finished: nothing to do
+                status = "FINISHED"
+                print(f"{self.out}: already trained to step {self.step} of {cfg.train.steps}", file=sys.stderr)
+                return {"step": self.step, "stopped_early": False, "already_complete": True}
             if cfg.train.progress and self.step < cfg.train.steps:
                 from tqdm import tqdm
 
@@ -371,20 +377,24 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.preempt.restore()
             if self.system_metrics is not None:
                 self.system_metrics.close()
             if self.tracker is not None:
                 # a preempted run stays RUNNING in MLflow: the requeued job continues it
                 self.tracker.close(status="RUNNING" if self.preempt.raised else status)
+            self.preempt.restore()  # only now: a second TERM must not cut the flush short
 
     def _requeue(self) -> None:
         job = os.environ.get("SLURM_JOB_ID")
-        name = signal.Signals(self.preempt.signum).name
+        name = signal.Signals(self.preempt.signum).name if self.preempt.signum else "a peer rank's signal"
         if not job:
             print(f"stopped by {name} at step {self.step}; checkpoint saved, resume with --resume", file=sys.stderr)
             return
         if int(os.environ.get("RANK", "0")) != 0:
+            return
+        if os.environ.get("STARS_LAUNCHER_REQUEUES") == "1":  # launch/sbatch.template requeues after we exit
+            print(f"stopped by {name} at step {self.step}; checkpoint saved; the batch script requeues job {job}",
+                  file=sys.stderr)
             return
         res = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
         msg = "requeued" if res.returncode == 0 else f"requeue failed: {res.stderr.strip()}"
