@@ -85,6 +85,8 @@ TWO_RANK = {
 FOUR_RANK = {
     "tp2 x pp2": ({"tp": 2, "pp": 2, "microbatches": 2}, None),
     "tp2 x dp2 (zero 1)": ({"tp": 2, "zero": 1, "microbatches": 1}, None),
+    # ZeRO-2 under the pipeline (one backward per step), and fewer microbatches than stages
+    "pp2 x dp2 (zero 2, M=1)": ({"pp": 2, "zero": 2, "microbatches": 1}, None),
 }
 
 

@@ -15,7 +15,7 @@ after a row-parallel layer) on tensor rank 0 only, summed over the model-paralle
 
 DeepSpeed on CPU: the accelerator is detected (`DS_ACCELERATOR=cpu` forces it), gloo carries the
 collectives, the optimizer is our torch AdamW (no fused-Adam build). Its first start builds a
-small shared-memory op into $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), once.
+small shared-memory op into $TORCH_EXTENSIONS_DIR (default here: <venv>/torch_extensions), once.
 """
 from __future__ import annotations
 
@@ -122,8 +122,13 @@ class ZeroDataParallel:
 
     def __init__(self, model: torch.nn.Module, cfg: RunConfig, ps, backwards_per_step: int):
         import os
+        import sys
+        from pathlib import Path
 
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        # DeepSpeed JIT-builds a small comm op at its first start (60-120 s on 2 cores): keep it
+        # beside the environment so it is built once per venv (and cached with it in CI)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
         import deepspeed
 
         from stars_scale.parallel.state import DeepSpeedMPU
