@@ -105,3 +105,33 @@ def test_torchrun_tp2_trains_logs_once_and_checkpoints_per_rank(tmp_path, config
     assert sorted(m.step for m in hist) == [1, 2, 3]  # once per step: one rank logs
     assert run_info.data.tags["stars.layout"] == "tp2-pp1-dp1-zero0"
     assert run_info.info.status == "FINISHED"
+
+
+def test_dp_ranks_together_read_the_one_process_batch():
+    import torch
+
+    from stars_scale.data.sources import build_train_source
+
+    cfg = make_cfg({})
+    one = build_train_source(cfg)
+    ranks = [build_train_source(cfg, r, 4) for r in range(4)]
+    for _ in range(3):
+        full = one.next_batch()
+        parts = [src.next_batch() for src in ranks]
+        for key in ("input_ids", "labels"):
+            assert torch.equal(torch.cat([p[key] for p in parts]), full[key])
+
+
+def test_stage_split_and_pass_plan():
+    from stars_scale.parallel.pipeline import Pass, pass_plan, stage_bounds
+    from stars_scale.stars.depth import Depth
+
+    assert [stage_bounds(5, 2, s) for s in range(2)] == [(0, 3), (3, 5)]
+    assert [stage_bounds(4, 4, s) for s in range(4)] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    stars = make_cfg({}).stars  # fd, 2 power iterations, penalty on from step 1
+    # truncated BPTT: 3 free iterations without a graph, then 2 with; estimator off at step 0
+    # (estimate_every=1 still estimates: f(h) and two f(h + εv) evaluations, all without graph)
+    assert pass_plan(Depth(3, 2), stars, 0) == [Pass("iter", False)] * 3 + [Pass("iter", True)] * 2 + \
+        [Pass("fd", False)] * 3
+    # penalty on: f(h) and the last evaluation carry the graph, the first only picks the direction
+    assert pass_plan(Depth(0, 2), stars, 1)[2:] == [Pass("fd", True), Pass("fd", False), Pass("fd", True)]
