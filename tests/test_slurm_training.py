@@ -44,7 +44,8 @@ def mlflow_run_id(out: Path) -> str:
 
 
 def test_two_node_job_trains_and_tracks(slurm_cluster, mlflow_server, tmp_path):
-    job, out = launch(slurm_cluster, tmp_path, "two_nodes", CONFIG, mlflow_server.uri)
+    cfg = {**CONFIG, "tracking": {**CONFIG["tracking"], "system_metrics": True, "system_metrics_interval": 0.5}}
+    job, out = launch(slurm_cluster, tmp_path, "two_nodes", cfg, mlflow_server.uri)
     assert slurm_cluster.wait_job(job, timeout=600) == "COMPLETED", job_log(out) + slurm_cluster.logs_tail()
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -58,6 +59,9 @@ def test_two_node_job_trains_and_tracks(slurm_cluster, mlflow_server, tmp_path):
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
     assert sorted(history) == list(range(1, 41))
     assert all(abs(history[r["step"]] - r["loss"]) < 1e-6 for r in rows)
+    nodes = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert nodes == {"node0", "node1"}  # one system-metrics sampler per node, in the same run
+    assert run.data.params["parallel.tp"] == "1" and run.data.tags["stars.layout"].startswith("tp1-pp1-dp2")
 
 
 def test_preempted_job_requeues_resumes_and_matches(slurm_cluster, mlflow_server, tmp_path):

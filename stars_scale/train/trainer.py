@@ -189,6 +189,18 @@ class Trainer:
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
 
+    def _start_system_metrics(self) -> None:
+        """One sampler per node (local rank 0), into the run every rank knows by now."""
+        t = self.cfg.tracking
+        if not (t.mlflow and t.system_metrics and self.run_id) or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            return
+        import socket
+
+        node = os.environ.get("SLURM_NODEID") or socket.gethostname()
+        self.system_metrics = NodeSystemMetrics(self.run_id, default_tracking_uri(t.tracking_uri),
+                                                node_id=f"node{node}" if node.isdigit() else node,
+                                                interval=t.system_metrics_interval)
+
     def _layout_tag(self) -> str:
         return "tp1-pp1-dp1-zero0"
 
@@ -214,12 +226,7 @@ class Trainer:
         if fresh:
             self.tracker.log_params(flatten_dict(self.cfg.to_dict()))
             self.tracker.log_artifact(self.out / "config.yaml")
-        if t.system_metrics and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            import socket
 
-            node = os.environ.get("SLURM_NODEID") or socket.gethostname()
-            self.system_metrics = NodeSystemMetrics(self.run_id, uri, node_id=f"node{node}" if node.isdigit() else node,
-                                                    interval=t.system_metrics_interval)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -323,6 +330,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._start_tracking()
+        self._start_system_metrics()
         self.preempt.install()
         status = "FAILED"
         last: dict[str, Any] = {}
