@@ -533,11 +533,19 @@ def plan(run: RunConfig, nodes: int, gpus_per_node: int, gpu: str = "h100", *, m
     seq = seq or m.max_seq_len
     if seq > m.max_seq_len or seq < 1:
         raise UserError(f"--seq-len {seq}: must be in [1, model.max_seq_len={m.max_seq_len}]")
-    batch = batch or run.data.batch_size
-    if batch < 1:
-        raise UserError(f"--micro-batch must be >= 1, got {batch}")
     spec = GPUS[gpu]
     world = nodes * gpus_per_node
+    if not batch:  # the trainer's semantics: data.batch_size is global, split over dp and microbatches
+        tp, pp, mb = run.parallel.tp, run.parallel.pp, run.parallel.microbatches
+        if world % (tp * pp):
+            raise UserError(f"{nodes} x {gpus_per_node} GPUs do not factor into the config's tp={tp} x pp={pp}")
+        dp = world // (tp * pp)
+        if run.data.batch_size % (dp * mb):
+            raise UserError(f"data.batch_size={run.data.batch_size} is not divisible by dp={dp} x "
+                            f"parallel.microbatches={mb} of the config's layout on {world} GPUs")
+        batch = run.data.batch_size // (dp * mb)
+    if batch < 1:
+        raise UserError(f"--micro-batch must be >= 1, got {batch}")
     usable = spec.mem_bytes * usable_fraction
     counts = param_counts(m)
     ds = depth_stats(run, draws)

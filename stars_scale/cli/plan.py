@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (0.4)")
     p.add_argument("--tokens", type=float, default=1e12, help="token budget (1e12)")
-    p.add_argument("--micro-batch", type=int, help="sequences per microbatch (default data.batch_size)")
+    p.add_argument("--micro-batch", type=int,
+                   help="sequences per microbatch per rank (default: data.batch_size / (dp x parallel.microbatches) "
+                        "of the config's layout)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence (default model.max_seq_len)")
     p.add_argument("--usable", type=float, default=0.9,
                    help="fraction of GPU memory available to the run (0.9: context, workspace, "
