@@ -146,3 +146,21 @@ def test_resume_auto_starts_fresh_and_a_finished_run_is_left_alone(tmp_path, tin
     res = run(base + ["--resume"], tmp_path)  # already at train.steps: exits 0 and changes nothing
     assert "already trained to step 8" in res.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
+
+
+def test_trained_run_exports_to_hf_and_imports_back_bit_exact(tmp_path, tiny_config):
+    import torch
+
+    from stars_scale.convert import load_converted
+
+    run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
+         "--set", "train.steps=4"], tmp_path)
+    run(["stars_scale.cli.convert", "export", "r", "--to", "hf", "--out", "hf"], tmp_path)  # the run dir
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "depth" in card.lower() and (tmp_path / "hf" / "depth_scaling.json").is_file()
+    run(["stars_scale.cli.convert", "import", "--from", "hf", "hf", "--out", "back"], tmp_path)
+    _, sd = load_converted(tmp_path / "back")
+    trained = torch.load(tmp_path / "r" / "checkpoints" / "step_00000004" / "model.pt", weights_only=True)
+    assert set(sd) == set(trained)
+    for name, t in trained.items():
+        assert torch.equal(sd[name], t), name

@@ -17,7 +17,8 @@ from stars_scale.config import RunConfig
 from stars_scale.convert import huginn, llama, native, ouro
 from stars_scale.convert.card import load_depth_scaling, render_card
 from stars_scale.convert.checkpoint import (DEPTH_SCALING_NAME, cast_state_dict, check_state_dict,
-                                            load_converted_run, read_provenance, save_converted)
+                                            load_converted_run, read_provenance, resolve_weights_dir,
+                                            save_converted)
 from stars_scale.convert.hfdir import HFDir, StagedDir, write_safetensors
 from stars_scale.errors import UserError
 from stars_scale.utils import atomic_write_json, atomic_write_text
@@ -87,11 +88,14 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, dtype: str
         raise UserError(f"unknown target format {fmt!r} (one of {', '.join(EXPORT_FORMATS)})")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (one of {', '.join(DTYPES)})")
-    ckpt = Path(ckpt)
+    ckpt = resolve_weights_dir(ckpt)
     run, sd = load_converted_run(ckpt)
     sd = cast_state_dict(sd, dtype)
     config, tensors = _EXPORTERS[fmt](run, sd)
-    scaling = load_depth_scaling(ckpt / DEPTH_SCALING_NAME)
+    # beside the weights, or (a stars-train checkpoint) in its run directory
+    scaling_path = next((p for p in (ckpt / DEPTH_SCALING_NAME, ckpt.parent.parent / DEPTH_SCALING_NAME)
+                         if p.is_file()), ckpt / DEPTH_SCALING_NAME)
+    scaling = load_depth_scaling(scaling_path)
     card = render_card(run, fmt, read_provenance(ckpt), scaling, name or Path(out).name)
     with StagedDir(out, overwrite=overwrite) as tmp:
         files = write_safetensors(tmp, tensors, metadata={"format": "pt"}, max_shard_bytes=max_shard_bytes)
