@@ -249,7 +249,7 @@ class LoopPipeline:
                                 idx = draws[m][0]
                                 e_det = E[m].detach()
                                 E_pen[m] = e_det if idx is None else e_det.index_select(0, idx.to(device))
-                            x = model.init_state(E[m], init_state_generator(seed, step, micro_ids[m]))
+                            x = model.init_state(E[m], init_state_generator(seed, step, micro_ids[m], device))
                         elif in_grad_first(k):
                             x = recv_with_grad(anchor, shape(m, k), torch.float32, last_rank, mail)
                         else:
