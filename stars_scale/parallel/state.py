@@ -108,10 +108,7 @@ class ParallelState:
         """The one rank that logs metrics and talks to MLflow: the last stage's first rank."""
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
-    @property
-    def logger_rank(self) -> int:
-        """Global rank of the logger (the last stage of dp rank 0, tp rank 0)."""
-        return self.tp * self.dp * (self.pp - 1)
+    logger_rank: int = -1  # global rank of the logger, found at init (not derived from a rank order)
 
     @property
     def layout(self) -> str:
@@ -153,6 +150,9 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
         mp_group=mps.get_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
         pp_ranks=list(dist.get_process_group_ranks(mps.get_pipeline_model_parallel_group())),
     )
+    who = torch.tensor([rank if _STATE.is_logger else -1], dtype=torch.int64, device=device)
+    dist.all_reduce(who, op=dist.ReduceOp.MAX)
+    _STATE.logger_rank = int(who.item())
     return _STATE
 
 
