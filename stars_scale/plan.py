@@ -47,6 +47,7 @@ import numpy as np
 
 from stars_scale.config import ModelConfig, RunConfig
 from stars_scale.errors import UserError
+from stars_scale.model.layers import mlp_hidden as _mlp_hidden
 from stars_scale.stars.depth import DepthSampler
 
 GiB = 1024**3
@@ -75,13 +76,6 @@ def _norm_params(m: ModelConfig) -> int:
         return m.hidden
     return m.hidden * (2 if m.bias else 1)
 
-
-def _mlp_hidden(m: ModelConfig) -> int:
-    if m.mlp_hidden is not None:
-        return m.mlp_hidden
-    if m.mlp == "swiglu":
-        return 64 * ((int(8 * m.hidden / 3) + 63) // 64)
-    return 4 * m.hidden
 
 
 def _qkv_bias(m: ModelConfig) -> tuple[bool, bool]:
