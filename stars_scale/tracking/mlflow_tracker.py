@@ -45,7 +45,7 @@ class MlflowTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
                  run_id: str | None = None, tags: dict[str, str] | None = None,
                  max_buffer: int = 100_000, batch_size: int = 500, flush_interval: float = 1.0,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, mark_running: bool = True):
         _quiet_mlflow()
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -67,8 +67,10 @@ class MlflowTracker:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
             run_id = run.info.run_id
-        else:
+        elif mark_running:  # a resumed run (e.g. a requeued job) continues as the same MLflow run
             self.client.update_run(run_id, status="RUNNING")
+        else:
+            self.client.get_run(run_id)  # fail now (and warn upstream) if the server is unreachable
             if tags:
                 for k, v in tags.items():
                     self.client.set_tag(run_id, k, v)
@@ -177,38 +179,70 @@ class MlflowTracker:
             time.sleep(min(1.0, max(0.0, deadline - time.time())))
         return False
 
-    def close(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
+    def close(self, status: str = "FINISHED", timeout: float = 60.0, terminate: bool = True) -> None:
+        """Flush (within `timeout`) and, unless `terminate=False`, mark the run ended with `status`."""
         self._stop.set()
         self._thread.join(timeout=10)
         delivered = self.flush(timeout)
         if not delivered:
             warnings.warn(f"MLflow: {self.buffered} metric points could not be delivered", stacklevel=2)
-        self._call(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
+        if terminate:
+            self._call(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
 
 
 class NodeSystemMetrics:
-    """MLflow's system-metrics sampler (CPU, memory, disk, network, GPU) for one node of a run.
+    """System metrics (CPU, memory, disk, network, GPU) of one node, sampled into the run.
 
-    Start it in one process per node (local rank 0); `node_id` prefixes the metric names so the
-    nodes of a multi-node run stay apart. Failures only warn: tracking never stops training.
+    One per node (local rank 0); names are `system/<node_id>/<metric>` so the nodes of a
+    multi-node run stay apart. MLflow's own sampler stops for good at the first failed request
+    and drops the last interval at shutdown, so this samples with MLflow's monitors but delivers
+    through a buffered `MlflowTracker` (an outage delays the points, it does not lose them) and
+    always publishes a sample at start and at close.
     """
 
     def __init__(self, run_id: str, tracking_uri: str, node_id: str, interval: float = 10.0):
-        self._monitor = None
+        self.prefix = f"system/{node_id}/"
+        self.interval = interval
+        self._step = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tracker: MlflowTracker | None = None
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id,
-                                                 tracking_uri=tracking_uri, resume_logging=True)
-            self._monitor.start()
+                                                 tracking_uri=tracking_uri)
+            self._tracker = MlflowTracker(tracking_uri, "", run_id=run_id, flush_interval=interval,
+                                          mark_running=False)
         except Exception as e:
             warnings.warn(f"MLflow system metrics unavailable ({type(e).__name__}: {e})", stacklevel=2)
-            self._monitor = None
+            return
+        self._publish()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-system-metrics", daemon=True)
+        self._thread.start()
+
+    def _publish(self) -> None:
+        try:
+            self._monitor.collect_metrics()
+            metrics = self._monitor.aggregate_metrics()
+            for m in self._monitor.monitors:
+                m.clear_metrics()
+        except Exception as e:  # a sensor that fails must not stop anything
+            warnings.warn(f"system metrics: {type(e).__name__}: {e}", stacklevel=2)
+            return
+        self._tracker.log_metrics({self.prefix + k: v for k, v in metrics.items()}, self._step)
+        self._step += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._publish()
 
     def close(self) -> None:
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as e:
-                warnings.warn(f"MLflow system metrics: {type(e).__name__}: {e}", stacklevel=2)
-            self._monitor = None
+        if self._tracker is None:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._publish()
+        self._tracker.close(terminate=False)
+        self._tracker = None
