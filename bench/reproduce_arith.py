@@ -59,7 +59,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(depths))
     for label, r in results:
         wall = table[label]["wall_seconds"]
-        print(f"| {label} (accuracy %) | {wall:.0f} s | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) + " |")
+        wall_text = f"{wall:.0f} s" if wall is not None else "n/a"
+        print(f"| {label} (accuracy %) | {wall_text} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) + " |")
         print(f"| {label} (rho) | | " + " | ".join(f"{x:.2f}" for x in r["rho"]) + " |")
         print(f"| {label} (dh) | | " + " | ".join(f"{x:.1e}" for x in r["delta_h"]) + " |")
 
