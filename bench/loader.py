@@ -142,7 +142,8 @@ def _compare_with_training(config: str, tmp: Path) -> None:
     cfg = load_config(config)
     out = tmp / "arith"
     subprocess.run([sys.executable, "-m", "stars_scale.cli.data", "arithmetic", "--digits", str(cfg.data.digits),
-                    "--samples", "200000", "--out", str(out)], check=True, capture_output=True)
+                    "--samples", "200000", "--blocks-per-shard", "20000", "--out", str(out)], check=True,
+                   capture_output=True)
     train_tps, batch, seq = train_step_tokens_per_s(config)
     for w in (0, 2):
         tps = loader_tokens_per_s(out, batch_size=batch, num_workers=w, batches=300)
