@@ -14,7 +14,7 @@ equals one process with dp·M microbatches (same rows, same directions, same mea
 
 Metrics are reduced over the DP group on the last stage and broadcast from the logger (the last
 stage's first rank), which alone writes metrics.jsonl and talks to MLflow. Checkpoints: one file
-per rank (`rank_XXXXX.pt`: its shard of the model, optimizer or DeepSpeed state, RNG, data
+per rank (`rank_00003.pt` for rank 3: its shard of the model, optimizer or DeepSpeed state, RNG, data
 position), plus a consolidated single-device `model.pt` so that `stars-eval` reads it as is;
 resuming needs the same layout.
 """
