@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -59,3 +60,59 @@ def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class StagedDir:
+    """An output directory built under a hidden sibling name and renamed into place when complete.
+
+    Readers of `out` never see a half-written directory, and a failure (bad input, Ctrl-C) leaves
+    `out` exactly as it was. A non-empty `out` is replaced only with `overwrite=True`, and then only
+    if `replaceable(out)` returns None (else the reason it may not be replaced). Use as a context
+    manager (publish on success, discard on error) or call `publish()` / `discard()` yourself.
+    """
+
+    def __init__(self, out: str | Path, overwrite: bool = False, what: str = "it",
+                 replaceable: Callable[[Path], str | None] | None = None) -> None:
+        from stars_scale.errors import UserError
+
+        self.out = Path(out)
+        if self.out.exists():
+            if not self.out.is_dir():
+                raise UserError(f"{self.out}: exists and is not a directory")
+            if any(self.out.iterdir()):
+                if not overwrite:
+                    raise UserError(f"{self.out}: exists and is not empty; pass --overwrite to replace {what}")
+                reason = replaceable(self.out) if replaceable else None
+                if reason:
+                    raise UserError(f"{self.out}: {reason}; refusing to replace it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        os.chmod(self.path, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide a shared directory
+
+    def publish(self) -> None:
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            os.replace(self.out, old)
+            os.replace(self.path, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.path, self.out)
+        _fsync_dir(self.out.parent)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "StagedDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.publish()
+        else:
+            self.discard()

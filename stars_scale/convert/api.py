@@ -19,9 +19,9 @@ from stars_scale.convert.card import load_depth_scaling, render_card
 from stars_scale.convert.checkpoint import (DEPTH_SCALING_NAME, cast_state_dict, check_state_dict,
                                             load_converted_run, read_provenance, resolve_weights_dir,
                                             save_converted)
-from stars_scale.convert.hfdir import HFDir, StagedDir, write_safetensors
+from stars_scale.convert.hfdir import HFDir, write_safetensors
 from stars_scale.errors import UserError
-from stars_scale.utils import atomic_write_json, atomic_write_text
+from stars_scale.utils import StagedDir, atomic_write_json, atomic_write_text
 
 IMPORT_FORMATS = ("huginn", "ouro", "llama", "hf")
 EXPORT_FORMATS = ("huginn", "ouro", "hf")
@@ -97,7 +97,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, dtype: str
                          if p.is_file()), ckpt / DEPTH_SCALING_NAME)
     scaling = load_depth_scaling(scaling_path)
     card = render_card(run, fmt, read_provenance(ckpt), scaling, name or Path(out).name)
-    with StagedDir(out, overwrite=overwrite) as tmp:
+    with StagedDir(out, overwrite=overwrite) as staged:
+        tmp = staged.path
         files = write_safetensors(tmp, tensors, metadata={"format": "pt"}, max_shard_bytes=max_shard_bytes)
         atomic_write_json(tmp / "config.json", config)
         atomic_write_text(tmp / "README.md", card)

@@ -20,10 +20,10 @@ import torch
 from safetensors import safe_open
 
 from stars_scale.config import ModelConfig, RunConfig, load_config, save_config
-from stars_scale.convert.hfdir import StagedDir, read_json, write_safetensors
+from stars_scale.convert.hfdir import read_json, write_safetensors
 from stars_scale.errors import UserError
 from stars_scale.model.looped import LoopedLM
-from stars_scale.utils import atomic_write_json
+from stars_scale.utils import StagedDir, atomic_write_json
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
@@ -76,7 +76,8 @@ def save_converted(out: str | Path, run: RunConfig, sd: dict[str, torch.Tensor],
     """Write a converted checkpoint directory atomically (staged, then renamed into place)."""
     sd = storable(run.model, sd)
     check_state_dict(run.model, sd, f"converted weights for {out}")
-    with StagedDir(out, overwrite=overwrite) as tmp:
+    with StagedDir(out, overwrite=overwrite) as staged:
+        tmp = staged.path
         save_config(run, tmp / CONFIG_NAME)
         write_safetensors(tmp, sd, metadata={"format": "pt", "stars_scale": FORMAT_TAG})
         prov = dict(provenance)

@@ -9,9 +9,6 @@ un-indexed `*.safetensors` files are all read. Nothing here talks to the hub.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -196,39 +193,3 @@ def write_safetensors(out_dir: Path, tensors: dict[str, torch.Tensor], metadata:
     atomic_write_json(out_dir / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names + [INDEX_NAME]
 
-
-class StagedDir:
-    """Build an output directory under a temporary sibling name, then move it into place.
-
-    A reader never sees a half-written checkpoint directory: either the old one (or none) or the
-    complete new one. An existing non-empty target needs `overwrite=True`.
-    """
-
-    def __init__(self, target: str | Path, overwrite: bool = False):
-        self.target = Path(target)
-        if self.target.exists() and not self.target.is_dir():
-            raise UserError(f"{self.target}: exists and is not a directory")
-        if self.target.is_dir() and any(self.target.iterdir()) and not overwrite:
-            raise UserError(f"{self.target}: directory exists and is not empty "
-                            f"(pass --overwrite to replace it)")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.path: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".tmp",
-                                          dir=self.target.parent))
-        return self.path
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.path is not None
-        if exc_type is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            return
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.chmod(self.path, 0o755)  # mkdtemp makes it 0700
-        os.replace(self.path, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)

@@ -21,9 +21,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stars_scale.errors import UserError
-from stars_scale.utils import atomic_write_json
+from stars_scale.utils import StagedDir, atomic_write_json, current_umask
 
 FORMAT = "stars-shards"
 VERSION = 1
@@ -361,58 +359,14 @@ def decode_sample(sample: dict[str, Any], manifest: Manifest, shard: str) -> tup
 # ---------------------------------------------------------------------------- publishing
 
 
-class StagedOutput:
-    """A dataset directory built under a hidden sibling name and renamed into place when complete.
-
-    Readers of `out` never see a half-written dataset, and a failure (bad input, Ctrl-C)
-    leaves `out` exactly as it was. `overwrite` replaces an existing dataset, but never a
-    directory without a manifest (it might hold anything).
-    """
-
-    def __init__(self, out: str | Path, overwrite: bool = False) -> None:
-        self.out = Path(out)
-        if self.out.exists():
-            if not self.out.is_dir():
-                raise UserError(f"{self.out}: exists and is not a directory")
-            if any(self.out.iterdir()):
-                if not overwrite:
-                    raise UserError(f"{self.out}: exists and is not empty; pass --overwrite to replace a previous dataset")
-                if not (self.out / MANIFEST).is_file():
-                    raise UserError(f"{self.out}: is not a dataset (no {MANIFEST}); refusing to replace it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
-        os.chmod(self.path, 0o777 & ~_umask())  # mkdtemp's 0700 would hide a shared dataset
-
-    def publish(self) -> None:
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            os.replace(self.out, old)
-            os.replace(self.path, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.path, self.out)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def __enter__(self) -> "StagedOutput":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.publish()
-        else:
-            self.discard()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def StagedOutput(out: str | Path, overwrite: bool = False) -> StagedDir:
+    """A dataset directory staged and published atomically; never replaces a non-dataset directory."""
+    return StagedDir(out, overwrite=overwrite, what="a previous dataset",
+                     replaceable=lambda d: None if (d / MANIFEST).is_file() else f"is not a dataset (no {MANIFEST})")
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Written last: a directory with a manifest is complete."""
     path = Path(directory) / MANIFEST
     atomic_write_json(path, manifest.to_json())
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, 0o666 & ~current_umask())
