@@ -144,6 +144,9 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0  # validation accuracy during training (0: off)
     progress: bool = True
+    # CPU runs: keep freed host memory in the process for reuse (glibc mallopt, see
+    # stars_scale/train/host_malloc.py) instead of page-faulting it back in every step.
+    host_malloc: Literal["tuned", "system"] = "tuned"
 
 
 @dataclass

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from stars_scale.config import ModelConfig
 from stars_scale.model.looped import LoopedLM
+from stars_scale.train.host_malloc import return_freed_memory
 
 
 def _status_kb(field: str) -> int:
@@ -23,24 +24,13 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def fixed_mmap_threshold(nbytes: int = 65536) -> None:
-    """Serve large blocks by mmap and return them to the OS on free (glibc otherwise raises the
-    threshold after each free, keeps freed blocks resident and the high-water mark drifts)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
 def step_peak_memory_mb(depth: int, checkpointing: str = "loop", backprop: int | None = None, hidden: int = 128,
                         heads: int = 4, batch: int = 16, seq: int = 128, vocab: int = 256, seed: int = 0) -> dict:
-    fixed_mmap_threshold()
+    return_freed_memory()
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=vocab, hidden=hidden, heads=heads, max_seq_len=seq, n_core=1,
                       injection="add", init_state="zero")

@@ -26,6 +26,7 @@ from stars_scale.model.looped import LoopedLM
 from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
 from stars_scale.train import checkpoint as ckpt
+from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.optim import build_optimizer, build_scheduler
 from stars_scale.train.step import forward_backward, split_microbatches
 from stars_scale.utils import atomic_write, atomic_write_text, flatten_dict
@@ -86,6 +87,8 @@ class Trainer:
         self.out = Path(out_dir)
         self.stop_after_steps = stop_after_steps
         self._setup_processes()
+        if self.device.type == "cpu" and cfg.train.host_malloc == "tuned":
+            keep_freed_memory()
         self.resume_from = self._resolve_resume(resume)
         self._prepare_out_dir()
 
