@@ -1,11 +1,20 @@
 """Tokens/s of a training step with and without the STARS regulariser, per estimator.
 
-    python bench/step.py [--depth 8] [--hidden 128] [--batch 64] [--digits 5] [--steps 15]
+    python bench/step.py [--depth 8] [--hidden 128] [--batch 64] [--digits 5] [--steps 10]
+                         [--malloc tuned|system] [--arch ours|reference]
 
 Fixed depth, 5-digit addition (20 tokens per sequence), batch 64: the scale of the issue's
 reference figure (the paper's code costs 1.20x a plain step at depth 8 on this machine).
 Settings are interleaved over several rounds so drift in machine load hits them alike; the
-ratio column is each setting's median step time over the plain step's, in this one run.
+`x plain` column is each setting's median step time over the plain step's, in this one run.
+
+`FLOPs x plain` counts the step's matmul and attention FLOPs (torch's flop registry, every op
+the step dispatches, double backward included) over the plain step's: the floor that the time
+ratio could reach if every op ran as efficiently as the plain step's do.
+
+`--malloc` picks the host allocator setting (`train.host_malloc`; the trainer's default is
+tuned). `--arch reference` runs the model with the reference code's choices that cost time
+(math attention, dropout 0.1) for an apples-to-apples reading of its figure.
 """
 from __future__ import annotations
 
@@ -14,11 +23,14 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from stars_scale.config import config_from_dict
 from stars_scale.data.sources import build_task
 from stars_scale.model.looped import LoopedLM
 from stars_scale.stars.depth import Depth
+from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.optim import build_optimizer
 from stars_scale.train.step import forward_backward
 
@@ -31,6 +43,23 @@ SETTINGS = {
 }
 
 
+class CountFlops(TorchDispatchMode):
+    """Sum of the registered FLOP formulas (mm, addmm, bmm, attention, ...) over dispatched ops.
+    (torch's FlopCounterMode tracks modules, which autograd.grad inside the step does not allow.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--depth", type=int, default=8)
@@ -39,10 +68,17 @@ def main() -> None:
     ap.add_argument("--digits", type=int, default=5)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per setting per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--malloc", choices=("tuned", "system"), default="tuned",
+                    help="host allocator: the trainer's default (tuned) or glibc's defaults")
+    ap.add_argument("--arch", choices=("ours", "reference"), default="ours",
+                    help="reference: math attention and dropout 0.1, as the paper's code")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        keep_freed_memory()
+    extra = {"attention": "math", "dropout": 0.1} if args.arch == "reference" else {}
 
     base = {"model": {"vocab_size": 15, "hidden": args.hidden, "heads": 4, "mlp_hidden": 2 * args.hidden,
-                      "max_seq_len": 3 * args.digits + 5},
+                      "max_seq_len": 3 * args.digits + 5, **extra},
             "data": {"digits": args.digits, "batch_size": args.batch}}
     cfg0 = config_from_dict(base)
     task = build_task(cfg0)
@@ -61,20 +97,26 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for name in SETTINGS:  # warm-up
+    flops = {}
+    for name in SETTINGS:  # warm-up, then one counted step
         for i in range(2):
             step(name, i)
+        with CountFlops() as counter:
+            step(name, 2)
+        flops[name] = counter.total
     for r in range(args.rounds):
         for name in SETTINGS:
             times[name] += [step(name, r * args.steps + i) for i in range(args.steps)]
     tokens = args.batch * task.seq_len
     plain = statistics.median(times["plain"])
     print(f"depth {args.depth}, d={args.hidden}, batch {args.batch}x{task.seq_len}, torch threads "
-          f"{torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting")
-    print(f"{'setting':42s} {'ms/step':>8s} {'tokens/s':>9s} {'x plain':>8s}")
+          f"{torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting, malloc {args.malloc}, "
+          f"arch {args.arch}")
+    print(f"{'setting':42s} {'ms/step':>8s} {'tokens/s':>9s} {'x plain':>8s} {'FLOPs x plain':>14s}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:42s} {1000 * med:8.1f} {tokens / med:9.0f} {med / plain:8.2f}")
+        print(f"{name:42s} {1000 * med:8.1f} {tokens / med:9.0f} {med / plain:8.2f} "
+              f"{flops[name] / flops['plain']:14.3f}")
 
 
 if __name__ == "__main__":
