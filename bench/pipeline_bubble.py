@@ -54,15 +54,15 @@ def make_cfg(pp: int, micro: int, depth: int, hidden: int, rows: int):
 def _worker(rank: int, world: int, settings: list, steps: int, hidden: int, rows: int, out: str):
     import torch.distributed as dist
 
-    from stars_scale.parallel.train import ParallelTrainer
+    from stars_scale.train.trainer import Trainer
 
     rows_out = []
     for i, (micro, depth) in enumerate(settings):
-        t = ParallelTrainer(make_cfg(world, micro, depth, hidden, rows), f"{out}/s{i}")
+        t = Trainer(make_cfg(world, micro, depth, hidden, rows), f"{out}/s{i}")
         bubbles = []
         for _ in range(steps):
             t.train_step()
-            st = t.pipeline.stats
+            st = t.engine.pipeline.stats
             gathered = [None] * world
             dist.all_gather_object(gathered, (st.start, st.end, st.busy_s))
             span = max(g[1] for g in gathered) - min(g[0] for g in gathered)

@@ -35,13 +35,13 @@ def make_cfg(zero: int, hidden: int, n_core: int):
 
 
 def _worker(rank: int, world: int, hidden: int, n_core: int, out: str):
-    from stars_scale.parallel.train import ParallelTrainer
+    from stars_scale.train.trainer import Trainer
 
     rows = []
     for zero in (0, 1, 2):
-        t = ParallelTrainer(make_cfg(zero, hidden, n_core), f"{out}/z{zero}")
+        t = Trainer(make_cfg(zero, hidden, n_core), f"{out}/z{zero}")
         t.train_step()
-        b = t.engine.state_bytes()
+        b = t.engine.opt.state_bytes()
         rows.append({"zero": zero, "rank": rank, **b, "total": b["params"] + b["optimizer"],
                      "n_params": sum(p.numel() for p in t.model.parameters())})
     return rows

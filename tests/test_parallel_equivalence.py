@@ -21,14 +21,14 @@ from stars_scale.parallel.testing import STEPS, make_cfg, spawn
 
 
 def _train_layouts(rank: int, world: int, layouts: list, out: str):
-    from stars_scale.parallel.train import ParallelTrainer
+    from stars_scale.train.trainer import Trainer
 
     results = []
     for i, (parallel, train) in enumerate(layouts):
-        t = ParallelTrainer(make_cfg(parallel, train), f"{out}/layout{i}")
+        t = Trainer(make_cfg(parallel, train), f"{out}/layout{i}")
         rows = [t.train_step() for _ in range(STEPS)]
         full = t.full_model()
-        results.append({"rows": rows, "depths": t.depth_history, "logger": t.ps.is_logger,
+        results.append({"rows": rows, "depths": t.depth_history, "logger": t.reports,
                         "state": None if full is None else {k: v.clone() for k, v in full.state_dict().items()}})
     return results
 

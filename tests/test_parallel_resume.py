@@ -23,19 +23,19 @@ def _metrics(run: Path) -> list[dict]:
 
 def _resume_worker(rank: int, world: int, out: str):
     from stars_scale.errors import UserError
-    from stars_scale.parallel.train import ParallelTrainer
+    from stars_scale.train.trainer import Trainer
 
     results = []
     for i, parallel in enumerate(LAYOUTS):
         cfg = make_cfg(parallel, {"steps": 6})
         full, split = Path(out) / f"full{i}", Path(out) / f"split{i}"
-        ParallelTrainer(cfg, full).run()
-        first = ParallelTrainer(cfg, split, stop_after_steps=3).run()
+        Trainer(cfg, full).run()
+        first = Trainer(cfg, split, stop_after_steps=3).run()
         assert first["stopped_early"] and first["step"] == 3
-        ParallelTrainer(cfg, split, resume=True).run()
+        Trainer(cfg, split, resume=True).run()
         other = make_cfg(LAYOUTS[1 - i], {"steps": 6})
         try:
-            ParallelTrainer(other, split, resume=True)
+            Trainer(other, split, resume=True)
             refused = None
         except UserError as e:
             refused = str(e)
@@ -79,6 +79,6 @@ def test_consolidated_checkpoint_loads_into_the_plain_model():
 
 
 def _two_steps_tp2(rank: int, world: int, out: str):
-    from stars_scale.parallel.train import ParallelTrainer
+    from stars_scale.train.trainer import Trainer
 
-    ParallelTrainer(make_cfg({"tp": 2, "microbatches": 2}, {"steps": 2}), Path(out) / "run").run()
+    Trainer(make_cfg({"tp": 2, "microbatches": 2}, {"steps": 2}), Path(out) / "run").run()

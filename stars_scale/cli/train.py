@@ -29,16 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from stars_scale.config import load_config
         from stars_scale.errors import UserError
-        from stars_scale.train.trainer import make_trainer
+        from stars_scale.train.trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
             raise UserError(f"--stop-after-steps: must be >= 1, got {args.stop_after_steps}")
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        trainer = make_trainer(cfg, out, resume=args.resume, stop_after_steps=args.stop_after_steps)
+        trainer = Trainer(cfg, out, resume=args.resume, stop_after_steps=args.stop_after_steps)
         result = trainer.run()
-        ps = getattr(trainer, "ps", None)
-        if ps is not None and not ps.is_logger:  # under torchrun, one rank reports
+        if not trainer.reports:  # under torchrun, one rank reports
             return 0
         summary = {k: result.get(k) for k in ("step", "loss", "ce", "rho") if k in result}
         ds = result.get("depth_scaling")

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stars_scale.loss import IGNORE
+
 VOCAB = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", " ", "<pad>", "<eos>"]
 PLUS, EQ, SPACE, PAD, EOS = 10, 11, 12, 13, 14
 VOCAB_SIZE = len(VOCAB)
-IGNORE = -100
 _TEST_SALT = 0x7E57
 _TRAIN_SALT = 0x7A1
 

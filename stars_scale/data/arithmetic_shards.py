@@ -39,7 +39,7 @@ class ArithmeticOptions:
 
 
 def _blocks(batch) -> tuple[np.ndarray, np.ndarray]:
-    from stars_scale.data.arithmetic import IGNORE
+    from stars_scale.loss import IGNORE
 
     tokens = batch["input_ids"].numpy()
     labels = batch["labels"].numpy()

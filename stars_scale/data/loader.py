@@ -41,8 +41,8 @@ import torch
 
 from stars_scale.data import shards as fmt
 from stars_scale.errors import UserError
+from stars_scale.loss import IGNORE
 
-IGNORE = -100
 STATE_VERSION = 1
 _CHUNK = 4096
 _SHARD_SALT = 0x5A4D

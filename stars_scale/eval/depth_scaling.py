@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stars_scale.data.arithmetic import IGNORE, ArithmeticTask
+from stars_scale.data.arithmetic import ArithmeticTask
+from stars_scale.loss import IGNORE
 from stars_scale.stars.jacobian import estimate_spectral_radius
 from stars_scale.utils import atomic_write, atomic_write_json
 

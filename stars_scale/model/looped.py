@@ -124,14 +124,23 @@ class LoopedLM(nn.Module):
             return s + e
         return s
 
-    def core_step(self, s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """The core map f(s, e): one loop iteration. STARS regularises its Jacobian in s."""
-        x = self.inject(s, e)
+    def core_step(self, s: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        """The core map f(s, e): one loop iteration. STARS regularises its Jacobian in s.
+
+        A pipeline stage holds a slice of `core` (and the state norm only on the last stage): its
+        `core_step` is its part of the map, and stages after the first get e=None (s is injected)."""
+        x = self.inject(s, e) if e is not None else s
         for block in self.core:
             x = self._block(block, x)
         if self.state_norm is not None:
             x = self.state_norm(x)
         return x
+
+    def loop_step(self, s: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+        """One loop iteration as training runs it: recomputed in backward under loop checkpointing."""
+        if self.checkpointing == "loop" and torch.is_grad_enabled() and self.training:
+            return checkpoint(self.core_step, s, e, use_reentrant=False)
+        return self.core_step(s, e)
 
     def decode(self, s: torch.Tensor) -> torch.Tensor:
         """End state -> logits: coda blocks, final norm, head."""
@@ -156,12 +165,8 @@ class LoopedLM(nn.Module):
                     if states is not None:
                         states.append(s.detach())
             s = s.detach()
-        loop_ckpt = self.checkpointing == "loop" and torch.is_grad_enabled() and self.training
         for _ in range(n_grad):
-            if loop_ckpt:
-                s = checkpoint(self.core_step, s, e, use_reentrant=False)
-            else:
-                s = self.core_step(s, e)
+            s = self.loop_step(s, e)
             if states is not None:
                 states.append(s.detach())
         return s

@@ -1,6 +1,6 @@
 """Data parallelism and the optimizer step: plain DP (zero 0) or DeepSpeed ZeRO stage 1 / 2.
 
-Both engines expose the same three calls to the trainer:
+Both expose the same calls to `engine.Engine`:
 
     engine.backward(root)   once per backward the schedule makes (pp = 1: per microbatch;
                             pp > 1: once per step, see `pipeline`); `root` is already scaled
@@ -186,6 +186,7 @@ class ZeroDataParallel:
         return out
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, ps, backwards_per_step: int):
-    cls = PlainDataParallel if cfg.parallel.zero == 0 else ZeroDataParallel
+def build_data_parallel(model: torch.nn.Module, cfg: RunConfig, ps, backwards_per_step: int, zero: int):
+    """The optimizer step of this layout: zero 0 (one process too) or DeepSpeed ZeRO 1 / 2."""
+    cls = PlainDataParallel if zero == 0 else ZeroDataParallel
     return cls(model, cfg, ps, backwards_per_step)

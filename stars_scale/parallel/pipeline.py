@@ -2,50 +2,49 @@
 
 A looped model spends almost all of its compute in the core, so the stages split the core's
 blocks (stage 0 also holds embedding, prelude and injection; the last stage also holds the
-state norm, coda, final norm and head). One loop iteration traverses every stage; the state
-returns from the last stage to the first for the next iteration:
+state norm, coda, final norm and head). `split_stage` cuts the plain model down to its stage, so
+a stage runs the model's own code: `LoopedLM.loop_step` / `core_step` are then the stage's part
+of one loop iteration. One iteration traverses every stage; the state returns from the last
+stage to the first for the next iteration:
 
     stage 0: s ─ inject(s, e) ─ core[0:k] ──► stage 1: core[k:2k] ──► … ──► stage P-1 ─┐
        ▲                                                                              │
        └────────────────────────── s_{t+1} (next iteration) ◄─────────────────────────┘
 
 Every traversal of the ring is a *pass*: the r = n_free + n_grad loop iterations, then the
-finite-difference evaluations of the core map for STARS (f(h), then f(h + εv) per power
-iteration; their inputs are made on the last stage, where h = s_r lives). Free iterations
-(truncated BPTT) run without a graph and need no backward; gradient-carrying iterations run
-under `torch.utils.checkpoint` with `checkpointing: loop`.
+evaluations of the core map for the STARS `fd` estimator. The estimator is
+`stars.jacobian.FiniteDifference` (the one `fd` power iteration), held on the last stage where
+h = s_r lives: it names the next point to evaluate, the ring evaluates the map there
+(`stars.regularizer.core_map` on every stage: the same dropout handling as one process) and
+hands the value back. Free iterations (truncated BPTT) run without a graph and need no backward.
 
-Schedule. With M microbatches and P stages, pass k of microbatch m runs on stage s at tick
-
-    t(m, k, s) = k · max(M, P) + m + s,
-
-which respects both dependencies (stage s-1 of the same pass; the last stage of pass k-1 at
-tick (k-1)·max(M,P) + m + P - 1 < k·max(M,P) + m) and gives every stage at most one task per
-tick. With M ≥ P the stages are never idle between the first and the last pass: each stage works
-K·M ticks of a span of K·M + P - 1, so the forward bubble is (P - 1) / (K·M + P - 1) for K passes;
-the loop's depth multiplies the microbatches (bench/pipeline_bubble.py measures it). Each stage
-processes its tasks in tick order (k outer, m inner) with non-blocking sends and blocking
-receives, so the ring cannot deadlock. The backward is one `backward()` per stage and step (see
-`p2p`): autograd replays the forward's communication in reverse; only gradient-carrying passes
-take part.
+Schedule. The microbatches go through the ring in *rounds* of G: the forward of every pass of
+the round's microbatches, then one `backward()` per stage for the round (see `p2p`: autograd
+replays the round's communication in reverse). Pass k of the round's microbatch m runs on
+stage s at tick k · max(G, P) + m + s: every stage works K·G ticks of a span of K·G + P - 1 in
+the forward (K passes) and the backward mirrors it. `1f1b` (the default) takes G = min(P, M):
+a stage holds the activations of at most P microbatches, whatever M (flat in M); `gpipe` takes
+G = M: every microbatch's activations are held until the step's one backward (growing with M),
+with one fill and drain per step instead of one per round. Each stage processes its tasks in
+tick order with non-blocking sends and blocking receives, so the ring cannot deadlock.
 """
 from __future__ import annotations
 
-import math
+import contextlib
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from stars_scale.config import StarsConfig
 from stars_scale.parallel.p2p import Mailbox, recv_with_grad, send_with_grad
 from stars_scale.parallel.tensor import vocab_parallel_ce
 from stars_scale.stars.depth import Depth
-from stars_scale.stars.jacobian import fd_epsilon, normalize_direction
-from stars_scale.stars.regularizer import combine_loss
+from stars_scale.stars.jacobian import FiniteDifference, SpectralEstimate, fd_evaluation
+from stars_scale.stars.regularizer import (Probe, combine_loss, core_map, draw_probe, fd_penalty,
+                                           without_checkpointing)
 from stars_scale.train.step import (MicroResult, autocast_context, estimator_generator, init_state_generator,
                                     penalty_active, rho_wanted)
 
@@ -57,8 +56,8 @@ def stage_bounds(n_core: int, pp: int, pp_rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if pp_rank < extra else 0)
 
 
-class _TiedHead(nn.Module):
-    """The tied head on a last stage without tensor parallelism: weight received each step."""
+class TiedHead(nn.Module):
+    """The tied head on a last stage without tensor parallelism: weight received each round."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,14 +71,13 @@ def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
     """Drop from `model` (in place) what stage `pp_rank` does not hold; return its core range.
 
     The tied head of the last stage keeps no parameter of its own: the first stage sends the
-    embedding weight at the start of every step and receives the head's gradient for it in the
+    embedding weight at the start of every round and receives the head's gradient for it in the
     same backward, so the tied weight has one copy, one gradient and one optimizer state.
     """
     lo, hi = stage_bounds(len(model.core), pp, pp_rank)
     if pp == 1:
         return lo, hi
     first, last = pp_rank == 0, pp_rank == pp - 1
-    tied = model.cfg.tie_embeddings
     model.tied_shape = tuple(model.embed.weight.shape)
     model.core = nn.ModuleList(list(model.core)[lo:hi])
     if not first:
@@ -93,9 +91,9 @@ def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
         model.state_norm = None
         model.lm_head = None
         model.exit_gate = None
-    elif tied:
+    elif model.cfg.tie_embeddings:
         if isinstance(model.lm_head, nn.Linear):  # no tensor parallelism: a plain tied Linear
-            model.lm_head = _TiedHead()
+            model.lm_head = TiedHead()
         else:
             model.lm_head._tied = None
             model.lm_head.inner.weight = None
@@ -113,235 +111,207 @@ def pass_plan(depth: Depth, stars: StarsConfig, step: int) -> list[Pass]:
     plan = [Pass("iter", False)] * depth.n_free + [Pass("iter", True)] * depth.n_grad
     if rho_wanted(stars, step):
         on = penalty_active(stars, step)
-        plan += [Pass("fd", on)] + [Pass("fd", False)] * (stars.iters - 1 if on else stars.iters)
-        if on:
-            plan.append(Pass("fd", True))
+        n = stars.iters + 1
+        plan += [Pass("fd", FiniteDifference.grad_at(i, n, on)) for i in range(n)]
     return plan
 
 
-def penalty_draws(stars: StarsConfig, gen: torch.Generator, rows: int) -> tuple[torch.Tensor | None, int]:
-    """The estimator's row subset and dropout seed, drawn as `core_map_penalty` draws them."""
-    idx = None
-    if stars.sample_fraction < 1.0:
-        k = max(1, math.ceil(stars.sample_fraction * rows))
-        idx = torch.randperm(rows, generator=gen)[:k]
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-    return idx, seed
-
-
-@dataclass
-class _FD:
-    x: torch.Tensor
-    v: torch.Tensor
-    eps: float
-    y0: torch.Tensor | None = None
-    jv: torch.Tensor | None = None
+def round_size(schedule: str, pp: int, microbatches: int) -> int:
+    """Microbatches per round (held in flight on a stage): min(pp, M) under 1f1b, M under gpipe."""
+    return microbatches if schedule == "gpipe" else max(1, min(pp, microbatches))
 
 
 @dataclass
 class StageStats:
-    """Timing of this stage's last step (perf_counter is system-wide: comparable across ranks).
+    """Timing and held activations of this stage's last step (perf_counter is system-wide).
 
     The stage works from `start` to `end` except while blocked in a receive (`recv_wait_s`);
-    with the spans of all stages, 1 - Σ busy / (P · (max end - min start)) is the bubble."""
+    with the spans of all stages, 1 - Σ busy / (P · (max end - min start)) is the bubble.
+    `peak_saved_bytes`: the most bytes autograd held for backward at once (a round's saved
+    tensors, unique storages, parameters excluded), measured with a saved-tensors hook."""
 
     start: float = 0.0
     end: float = 0.0
     recv_wait_s: float = 0.0
     passes: int = 0
+    rounds: int = 0
+    peak_saved_bytes: int = 0
 
     @property
     def busy_s(self) -> float:
         return self.end - self.start - self.recv_wait_s
 
 
-class LoopPipeline:
-    """Runs one training step's microbatches over the ring; `backward(root)` once per stage."""
+class SavedBytes:
+    """Bytes of the distinct storages autograd saves inside the context (parameters excluded)."""
 
-    def __init__(self, model, ps):
-        self.model = model
-        self.ps = ps
-        self.tp = ps.tp
+    def __init__(self, model: nn.Module) -> None:
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.params:
+            self.seen[st.data_ptr()] = max(self.seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+@dataclass
+class _Micro:
+    """One microbatch's state on this stage during a round."""
+
+    batch: dict
+    micro: int
+    gen: torch.Generator  # the estimator's draws, the same on every rank
+    probe: Probe | None
+    e: torch.Tensor | None = None  # first stage: the prelude's output (with graph)
+    e_probe: torch.Tensor | None = None  # first stage: the estimator's rows of e, detached
+    fd: FiniteDifference | None = None  # last stage: the estimate in progress
+    ce: torch.Tensor | None = None
+    est: SpectralEstimate | None = None
+    loss: torch.Tensor | None = None
+    rows: int = 0
+    probe_rows: int = 0
+
+
+class LoopPipeline:
+    """Runs one training step's microbatches over the ring, round by round."""
+
+    def __init__(self, model, ps, schedule: str = "1f1b", measure: bool = False):
+        self.model, self.ps, self.schedule, self.measure = model, ps, schedule, measure
         self.first, self.last = ps.is_first_stage, ps.is_last_stage
         self.tied = model.cfg.tie_embeddings and ps.pp > 1
         self.stats = StageStats()
 
-    # ------------------------------------------------------------------ pieces
-
-    def _core_part(self, x: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
-        m = self.model
-        if self.first:
-            x = m.inject(x, e)
-        for block in m.core:
-            x = m._block(block, x)
-        if self.last and m.state_norm is not None:
-            x = m.state_norm(x)
-        return x
-
-    def _run(self, x, e, loop_ckpt: bool, dropout_seed: int | None) -> torch.Tensor:
-        m = self.model
-        fn = self._core_part
-        if dropout_seed is not None and m.training and m.cfg.dropout > 0:
-            inner = fn
-
-            def fn(x, e):  # noqa: F811 - the same masks on every evaluation of the core map
-                with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-                    torch.manual_seed(dropout_seed)
-                    return inner(x, e)
-        if loop_ckpt:
-            return checkpoint(fn, x, e, use_reentrant=False)
-        return fn(x, e)
-
-    # ------------------------------------------------------------------ one step
+    def backwards_per_step(self, microbatches: int) -> int:
+        return -(-microbatches // round_size(self.schedule, self.ps.pp, microbatches))
 
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
                          backward) -> list[MicroResult]:
-        ps, model = self.ps, self.model
-        device = ps.device
-        M = len(batches)
         plan = pass_plan(depth, stars, step)
-        n_iter = depth.total
-        n_fd = len(plan) - n_iter
+        G = round_size(self.schedule, self.ps.pp, len(batches))
+        stats = StageStats(start=time.perf_counter(), passes=len(plan))
+        results: list[MicroResult] = []
+        for lo in range(0, len(batches), G):
+            mail = Mailbox()
+            meter = SavedBytes(self.model) if self.measure else None
+            results += self._round(batches[lo:lo + G], micro_ids[lo:lo + G], plan, depth, stars, step, seed,
+                                   loss_scale, dtype, backward, mail, meter)
+            stats.recv_wait_s += mail.recv_wait_s
+            stats.rounds += 1
+            if meter is not None:
+                stats.peak_saved_bytes = max(stats.peak_saved_bytes, meter.total)
+        stats.end = time.perf_counter()
+        self.stats = stats
+        return results
+
+    # ------------------------------------------------------------------ one round
+
+    def _round(self, batches, micro_ids, plan, depth, stars, step, seed, loss_scale, dtype, backward, mail,
+               meter) -> list[MicroResult]:
+        ps, model = self.ps, self.model
+        n_fd = sum(p.kind == "fd" for p in plan)
         on = penalty_active(stars, step)
-        mail = Mailbox()
-        anchor = torch.zeros((), device=device, requires_grad=True)
+        anchor = torch.zeros((), device=ps.device, requires_grad=True)
         roots: list[torch.Tensor] = []
-        first_rank, last_rank = ps.pp_ranks[0], ps.pp_ranks[-1]
-        t_start = time.perf_counter()
-
-        if self.tied:
-            if self.first:
-                roots.append(send_with_grad(model.embed.weight, last_rank, mail))
-            if self.last:
-                model.lm_head.external_weight = recv_with_grad(anchor, model.tied_shape, torch.float32, first_rank,
-                                                               mail)
-
-        gens = [estimator_generator(seed, step, mi) for mi in micro_ids]
-        rows = [b["input_ids"].shape[0] for b in batches]
-        seq = batches[0]["input_ids"].shape[1]
-        hidden = model.cfg.hidden
-        draws = [penalty_draws(stars, g, r) if n_fd else (None, None) for g, r in zip(gens, rows)]
-        fd_rows = [r if d[0] is None else len(d[0]) for r, d in zip(rows, draws)]
-        E: list = [None] * M
-        E_pen: list = [None] * M
-        fd: list = [None] * M
-        results: list = [None] * M
-        ce_of: list = [None] * M
-        loop_ckpt = model.checkpointing == "loop" and model.training
-
-        def shape(m: int, k: int):
-            return (rows[m] if plan[k].kind == "iter" else fd_rows[m], seq, hidden)
-
-        def in_grad_first(k: int) -> bool:  # does stage 0's input of pass k carry a graph?
-            return k > 0 and plan[k].grad and plan[k].kind == "iter" and plan[k - 1].kind == "iter" \
-                and plan[k - 1].grad
-
-        with autocast_context(dtype, device):
+        mbs = []
+        for b, mi in zip(batches, micro_ids):
+            gen = estimator_generator(seed, step, mi)
+            rows = b["input_ids"].shape[0]
+            probe = draw_probe(stars, gen, rows) if n_fd else None
+            probe_rows = rows if probe is None or probe.rows is None else len(probe.rows)
+            mbs.append(_Micro(b, mi, gen, probe, rows=rows, probe_rows=probe_rows))
+        with meter.hooks() if meter is not None else contextlib.nullcontext(), autocast_context(dtype, ps.device):
+            if self.tied and self.first:
+                roots.append(send_with_grad(model.embed.weight, ps.pp_ranks[-1], mail))
+            if self.tied and self.last:
+                model.lm_head.external_weight = recv_with_grad(anchor, model.tied_shape, torch.float32,
+                                                               ps.pp_ranks[0], mail)
             for k, p in enumerate(plan):
-                for m in range(M):
-                    # ---- input
-                    if self.first:
-                        if k == 0:
-                            ids = batches[m]["input_ids"].to(device)
-                            E[m] = model.encode(ids)
-                            if n_fd:
-                                idx = draws[m][0]
-                                e_det = E[m].detach()
-                                E_pen[m] = e_det if idx is None else e_det.index_select(0, idx.to(device))
-                            x = model.init_state(E[m], init_state_generator(seed, step, micro_ids[m], device))
-                        elif in_grad_first(k):
-                            x = recv_with_grad(anchor, shape(m, k), torch.float32, last_rank, mail)
-                        else:
-                            x = mail.recv(shape(m, k), torch.float32, device, last_rank)
-                        e = E[m] if p.kind == "iter" else E_pen[m]
-                    else:
-                        if p.grad:
-                            x = recv_with_grad(anchor, shape(m, k), torch.float32, ps.prev_rank, mail)
-                        else:
-                            x = mail.recv(shape(m, k), torch.float32, device, ps.prev_rank)
-                        e = None
-                    # ---- compute
-                    with torch.set_grad_enabled(p.grad):
-                        y = self._run(x, e, loop_ckpt and p.grad and p.kind == "iter",
-                                      draws[m][1] if p.kind == "fd" else None)
-                    # ---- output
+                for mb in mbs:
+                    x, e = self._input(mb, k, plan, step, seed, anchor, mail)
+                    y = self._compute(mb, x, e, p)
                     if not self.last:
-                        if p.grad:
-                            roots.append(send_with_grad(y.float(), ps.next_rank, mail))
-                        else:
-                            mail.isend(y.float(), ps.next_rank)
+                        self._send(y, p.grad, ps.next_rank, roots, mail)
                     else:
-                        nxt, nxt_grad = self._last_stage_after(m, k, y, plan, n_iter, n_fd, batches, stars, gens,
-                                                               draws, fd, results, ce_of, on, device)
+                        nxt, grad = self._after(mb, k, plan, y, stars, on)
                         if nxt is not None:
-                            if nxt_grad:
-                                roots.append(send_with_grad(nxt.float(), first_rank, mail))
-                            else:
-                                mail.isend(nxt.float(), first_rank)
-
+                            self._send(nxt, grad, ps.pp_ranks[0], roots, mail)
             if self.last:
-                for m in range(M):
-                    pen = results[m]
-                    loss = combine_loss(ce_of[m], pen if (pen is not None and on) else None, stars)
-                    roots.append(loss * loss_scale)
-                    results[m] = (loss, pen)
-        root = torch.stack([r.float() for r in roots]).sum()
-        backward(root)
+                for mb in mbs:
+                    mb.est = mb.fd.result() if mb.fd is not None else None
+                    mb.loss = combine_loss(mb.ce, mb.est.penalty if (mb.est is not None and on) else None, stars)
+                    roots.append(mb.loss * loss_scale)
+        backward(torch.stack([r.float() for r in roots]).sum())
         mail.wait_all()
-        self.stats = StageStats(start=t_start, end=time.perf_counter(), recv_wait_s=mail.recv_wait_s,
-                                passes=len(plan))
         if self.tied and self.last:
             model.lm_head.external_weight = None
         if not self.last:
             return []
-        out = []
-        for m in range(M):
-            loss, pen = results[m]
-            out.append(MicroResult(loss=float(loss.detach()), ce=float(ce_of[m].detach()),
-                                   penalty=None if pen is None else float(pen.detach()),
-                                   rho=None if pen is None else float(pen.detach().sqrt()),
-                                   tokens=batches[m]["input_ids"].numel()))
-        return out
+        return [MicroResult(loss=float(mb.loss.detach()), ce=float(mb.ce.detach()),
+                            penalty=None if mb.est is None else float(mb.est.penalty.detach()),
+                            rho=None if mb.est is None else float(mb.est.rho),
+                            tokens=mb.batch["input_ids"].numel()) for mb in mbs]
 
-    def _last_stage_after(self, m, k, y, plan, n_iter, n_fd, batches, stars, gens, draws, fd, results, ce_of, on,
-                          device):
-        """After pass k of microbatch m on the last stage: the next pass's input (and whether it
-        carries a graph back to stage 0), the loss pieces when the microbatch is done."""
+    def _input(self, mb: _Micro, k: int, plan, step: int, seed: int, anchor, mail):
+        """This stage's input of pass k (and e on the first stage): made, or received."""
+        ps, model, p = self.ps, self.model, plan[k]
+        shape = (mb.rows if p.kind == "iter" else mb.probe_rows, mb.batch["input_ids"].shape[1], model.cfg.hidden)
+        if not self.first:
+            grad_in = p.grad
+            src = ps.prev_rank
+        elif k == 0:
+            mb.e = model.encode(mb.batch["input_ids"].to(ps.device))
+            if mb.probe is not None:
+                mb.e_probe = mb.probe.select(mb.e.detach())
+            x = model.init_state(mb.e, init_state_generator(seed, step, mb.micro, ps.device))
+            return x, mb.e
+        else:  # from the last stage; with a graph only between two gradient-carrying iterations
+            prev = plan[k - 1]
+            grad_in = p.grad and p.kind == "iter" and prev.kind == "iter" and prev.grad
+            src = ps.pp_ranks[-1]
+        x = recv_with_grad(anchor, shape, torch.float32, src, mail) if grad_in else \
+            mail.recv(shape, torch.float32, ps.device, src)
+        e = None if not self.first else (mb.e if p.kind == "iter" else mb.e_probe)
+        return x, e
+
+    def _compute(self, mb: _Micro, x, e, p: Pass) -> torch.Tensor:
+        """The stage's part of a loop iteration, or of one evaluation of the estimator's map."""
+        if p.kind == "iter":
+            with torch.set_grad_enabled(p.grad):
+                return self.model.loop_step(x, e)
+        with fd_evaluation(p.grad), without_checkpointing(self.model):
+            return core_map(self.model, e, mb.probe.seed)(x)
+
+    @staticmethod
+    def _send(y: torch.Tensor, grad: bool, dst: int, roots: list, mail: Mailbox) -> None:
+        if grad:
+            roots.append(send_with_grad(y.float(), dst, mail))
+        else:
+            mail.isend(y.float(), dst)
+
+    def _after(self, mb: _Micro, k: int, plan, y: torch.Tensor, stars: StarsConfig, on: bool):
+        """Last stage, after pass k: the next pass's input (and whether it carries a graph back to
+        stage 0); the loss after the last iteration; the estimator's step after an evaluation."""
         p = plan[k]
         if p.kind == "iter":
-            if k < n_iter - 1:
-                nxt_grad = p.grad and plan[k + 1].grad
-                return (y if nxt_grad else y.detach()), nxt_grad
+            if k + 1 < len(plan) and plan[k + 1].kind == "iter":
+                grad = p.grad and plan[k + 1].grad
+                return (y if grad else y.detach()), grad
             with torch.set_grad_enabled(True):
                 logits = self.model.decode(y)
-                ce_of[m] = vocab_parallel_ce(logits, batches[m]["labels"].to(device), self.tp)
-            if not n_fd:
+                mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp)
+            if mb.probe is None:
                 return None, False
-            h = y.detach()
-            idx = draws[m][0]
-            if idx is not None:
-                h = h.index_select(0, idx.to(device))
-            v = torch.randn(h.shape, generator=gens[m], dtype=torch.float32).to(device=device, dtype=h.dtype)
-            v = normalize_direction(v, stars.normalize)
-            eps = stars.fd_eps if stars.fd_eps is not None else fd_epsilon(h)
-            fd[m] = _FD(x=h, v=v, eps=eps, jv=v)
-            return h, False
-        st: _FD = fd[m]
-        j = k - n_iter
-        if j == 0:
-            st.y0 = y
-        elif p.grad:  # the last, differentiable evaluation
-            st.jv = (y - st.y0) / st.eps
-            st.v = normalize_direction(st.jv.detach(), stars.normalize)
+            mb.fd = fd_penalty(mb.probe.select(y.detach()), stars, create_graph=on, generator=mb.gen)
         else:
-            with torch.no_grad():
-                st.jv = (y - st.y0.detach()) / st.eps
-                st.v = normalize_direction(st.jv, stars.normalize)
-        if j < n_fd - 1:
-            return st.x + st.eps * st.v, False
-        acc = st.jv.dtype if st.jv.dtype in (torch.float32, torch.float64) else torch.float32
-        with torch.set_grad_enabled(on):
-            sq = st.jv.pow(2).sum(dtype=acc)
-        results[m] = sq if on else sq.detach()
-        return None, False
+            mb.fd.take(y)
+        return mb.fd.point(), False

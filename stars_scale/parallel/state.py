@@ -118,8 +118,15 @@ class ParallelState:
 _STATE: ParallelState | None = None
 
 
+def single_process(device: torch.device) -> ParallelState:
+    """One process: every dimension 1, no process group (every collective is skipped)."""
+    return ParallelState(rank=0, world=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, device=device,
+                         tp_group=None, dp_group=None, mp_group=None, pp_group=None, pp_ranks=[0], logger_rank=0)
+
+
 def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
-    """init_process_group + megatron-core's model-parallel groups; validated before anything blocks."""
+    """init_process_group + megatron-core's model-parallel groups; validated before anything blocks.
+    A run that needs no second process gets `single_process` (no process group)."""
     global _STATE
     rank, world, local_rank = world_from_env()
     dp = check_layout(cfg, world)
@@ -129,6 +136,8 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if not wants_parallel(cfg):
+        return single_process(device)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ and world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -22,9 +22,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from stars_scale.data.arithmetic import IGNORE
+from stars_scale.loss import IGNORE, token_ce
 
 _NEG = -1e30  # padded logits: exp() underflows to exactly 0
 
@@ -223,10 +222,10 @@ def parallelize_tensor(model, tp: int, tp_rank: int) -> None:
 
 def vocab_parallel_ce(logits: torch.Tensor, labels: torch.Tensor, tp: int) -> torch.Tensor:
     """Mean token cross entropy over labels != IGNORE; logits are vocab-parallel when tp > 1."""
+    if tp == 1:
+        return token_ce(logits, labels)
     flat = logits.float().flatten(0, -2)
     target = labels.flatten()
-    if tp == 1:
-        return F.cross_entropy(flat[:, : flat.shape[-1]], target, ignore_index=IGNORE)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     mask = target != IGNORE

@@ -20,6 +20,7 @@ token's vector of v to the same norm (‖v‖ = 1 still), so a few large tokens 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -59,12 +60,6 @@ def fd_epsilon(h: torch.Tensor, dtype: torch.dtype | None = None) -> float:
     return math.sqrt(torch.finfo(dtype).eps) * (scale if scale > 0 else 1.0)
 
 
-def _random_direction(h: torch.Tensor, generator: torch.Generator | None, mode: str) -> torch.Tensor:
-    v = torch.randn(h.shape, generator=generator, dtype=torch.float32, device=h.device if generator is None
-                    else generator.device).to(device=h.device, dtype=h.dtype)
-    return normalize_direction(v, mode)
-
-
 def _vjp(fn: Fn, h: torch.Tensor, v: torch.Tensor, iters: int, create_graph: bool, normalize: str):
     x = h.detach().requires_grad_(True)
     with math_attention():
@@ -100,21 +95,91 @@ def _jvp_graph(fn: Fn, h: torch.Tensor, v: torch.Tensor, iters: int, normalize: 
     return jv, normalize_direction(jv.detach(), normalize)
 
 
+@contextlib.contextmanager
+def fd_evaluation(grad: bool):
+    """The context of one evaluation of the map for the `fd` estimator (wherever it runs: here, or
+    spread over pipeline stages): with a graph only where the estimate needs one."""
+    with torch.set_grad_enabled(grad):
+        yield
+
+
+class FiniteDifference:
+    """The `fd` power iteration as a sequence of evaluations of the map, so that whoever evaluates
+    it (`_fd` here, a pipeline schedule across stages) runs this one implementation:
+
+        while (x := it.point()) is not None:
+            with fd_evaluation(it.grad):
+                it.take(fn(x))
+        estimate = it.result()
+
+    The evaluations are f(h), then f(h + εv) per iteration; with a graph only f(h) and the last one.
+    """
+
+    def __init__(self, h: torch.Tensor, v: torch.Tensor, iters: int, create_graph: bool, normalize: str,
+                 eps: float | None):
+        self.x = h.detach()
+        self.eps = eps if eps is not None else fd_epsilon(self.x)
+        self.v, self.jv = v, v
+        self.y0: torch.Tensor | None = None
+        self.create_graph, self.normalize = create_graph, normalize
+        self.evaluations = iters + 1
+        self.done = 0
+
+    @staticmethod
+    def grad_at(i: int, evaluations: int, create_graph: bool) -> bool:
+        """Whether evaluation i (of `evaluations`) carries a graph: f(h) and the last one."""
+        return create_graph and i in (0, evaluations - 1)
+
+    @property
+    def grad(self) -> bool:
+        """Whether the next evaluation carries a graph."""
+        return self.grad_at(self.done, self.evaluations, self.create_graph)
+
+    def point(self) -> torch.Tensor | None:
+        """Where the map is evaluated next (None when the iteration is complete)."""
+        if self.done == self.evaluations:
+            return None
+        return self.x if self.done == 0 else self.x + self.eps * self.v
+
+    def take(self, y: torch.Tensor) -> None:
+        """The map's value at `point()`."""
+        first, last = self.done == 0, self.done == self.evaluations - 1
+        self.done += 1
+        if first:
+            self.y0 = y
+        elif last and self.create_graph:
+            self.jv = (y - self.y0) / self.eps
+            self.v = normalize_direction(self.jv.detach(), self.normalize)
+        else:
+            with torch.no_grad():
+                self.jv = (y - self.y0.detach()) / self.eps
+                self.v = normalize_direction(self.jv, self.normalize)
+
+    def result(self) -> SpectralEstimate:
+        return estimate_from(self.jv, self.v, self.create_graph)
+
+
 def _fd(fn: Fn, h: torch.Tensor, v: torch.Tensor, iters: int, create_graph: bool, normalize: str,
         eps: float | None):
-    x = h.detach()
-    eps = eps if eps is not None else fd_epsilon(x)
-    with torch.set_grad_enabled(create_graph):
-        y0 = fn(x)
-    jv = v
-    with torch.no_grad():
-        for _ in range(iters - 1 if create_graph else iters):
-            jv = (fn(x + eps * v) - y0.detach()) / eps
-            v = normalize_direction(jv, normalize)
-    if create_graph:
-        jv = (fn(x + eps * v) - y0) / eps
-        v = normalize_direction(jv.detach(), normalize)
-    return jv, v
+    it = FiniteDifference(h, v, iters, create_graph, normalize, eps)
+    while (x := it.point()) is not None:
+        with fd_evaluation(it.grad):
+            it.take(fn(x))
+    return it.jv, it.v
+
+
+def estimate_from(av: torch.Tensor, v: torch.Tensor, create_graph: bool) -> SpectralEstimate:
+    """ρ̂ = ‖A v‖ and the penalty ‖A v‖² (accumulated in fp32 at least) from the last iteration."""
+    acc = av.dtype if av.dtype in (torch.float32, torch.float64) else torch.float32
+    sq = av.pow(2).sum(dtype=acc)
+    return SpectralEstimate(rho=sq.detach().sqrt(), penalty=sq if create_graph else sq.detach(), v=v.detach())
+
+
+def random_direction(h: torch.Tensor, generator: torch.Generator | None, mode: str) -> torch.Tensor:
+    """The power iteration's start: v ~ N(0, I) (drawn in fp32 on the generator's device), normalised."""
+    v = torch.randn(h.shape, generator=generator, dtype=torch.float32, device=h.device if generator is None
+                    else generator.device).to(device=h.device, dtype=h.dtype)
+    return normalize_direction(v, mode)
 
 
 def spectral_penalty(fn: Fn, h: torch.Tensor, method: str = "vjp", iters: int = 1, *,
@@ -126,16 +191,14 @@ def spectral_penalty(fn: Fn, h: torch.Tensor, method: str = "vjp", iters: int = 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
-    v = normalize_direction(v0, normalize) if v0 is not None else _random_direction(h, generator, normalize)
+    v = normalize_direction(v0, normalize) if v0 is not None else random_direction(h, generator, normalize)
     if method == "vjp":
         av, v = _vjp(fn, h, v, iters, create_graph, normalize)
     elif method == "jvp":
         av, v = (_jvp_graph if create_graph else _jvp_no_graph)(fn, h, v, iters, normalize)
     else:
         av, v = _fd(fn, h, v, iters, create_graph, normalize, eps)
-    acc = av.dtype if av.dtype in (torch.float32, torch.float64) else torch.float32
-    sq = av.pow(2).sum(dtype=acc)
-    return SpectralEstimate(rho=sq.detach().sqrt(), penalty=sq if create_graph else sq.detach(), v=v.detach())
+    return estimate_from(av, v, create_graph)
 
 
 def estimate_spectral_radius(fn: Fn, h: torch.Tensor, method: str = "vjp", iters: int = 20, *,
@@ -146,11 +209,17 @@ def estimate_spectral_radius(fn: Fn, h: torch.Tensor, method: str = "vjp", iters
                             generator=generator).rho
 
 
+def row_subset(fraction: float, generator: torch.Generator | None, rows: int) -> torch.Tensor | None:
+    """A random subset of `rows` batch rows (sequences), ceil(fraction · rows) of them; None at 1.0."""
+    if fraction >= 1.0:
+        return None
+    return torch.randperm(rows, generator=generator)[:max(1, math.ceil(fraction * rows))]
+
+
 def sample_rows(fraction: float, generator: torch.Generator | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The same random subset of batch rows (sequences) from each tensor; all rows at 1.0."""
-    if fraction >= 1.0:
+    idx = row_subset(fraction, generator, tensors[0].shape[0])
+    if idx is None:
         return tensors
-    B = tensors[0].shape[0]
-    k = max(1, math.ceil(fraction * B))
-    idx = torch.randperm(B, generator=generator)[:k].to(tensors[0].device)
+    idx = idx.to(tensors[0].device)
     return tuple(t.index_select(0, idx) for t in tensors)

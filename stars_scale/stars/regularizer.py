@@ -8,15 +8,18 @@ activations) and with dropout masks held fixed across the estimator's evaluation
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from stars_scale.config import StarsConfig
-from stars_scale.stars.jacobian import SpectralEstimate, sample_rows, spectral_penalty
+from stars_scale.stars.jacobian import (FiniteDifference, SpectralEstimate, random_direction, row_subset,
+                                        spectral_penalty)
 
 
 @contextlib.contextmanager
-def _no_checkpointing(model):
+def without_checkpointing(model):
+    """The estimator's evaluations keep one iteration's activations: no recomputation."""
     saved = model.checkpointing
     model.checkpointing = "none"
     try:
@@ -25,8 +28,11 @@ def _no_checkpointing(model):
         model.checkpointing = saved
 
 
-def core_map(model, e: torch.Tensor, seed: int | None = None):
-    """h ↦ model.core_step(h, e). With dropout active, every call reuses the same masks."""
+def core_map(model, e: torch.Tensor | None, seed: int | None = None):
+    """h ↦ model.core_step(h, e). With dropout active, every call reuses the same masks.
+
+    On a pipeline stage `model` is the stage's part of the model and `core_step` its part of the
+    map (`e` is None after the first stage), so the stages evaluate the map with this same code."""
     if seed is None or not (model.training and model.cfg.dropout > 0):
         return lambda h: model.core_step(h, e)
 
@@ -38,15 +44,42 @@ def core_map(model, e: torch.Tensor, seed: int | None = None):
     return fn
 
 
+@dataclass(frozen=True)
+class Probe:
+    """The estimator's random choices for one microbatch besides its direction, drawn from the
+    microbatch's generator in this order: the row subset, then the seed of the dropout masks."""
+
+    rows: torch.Tensor | None  # the batch rows the estimate uses (None: all)
+    seed: int | None  # dropout masks held fixed across the evaluations (None: no generator)
+
+    def select(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t.index_select(0, self.rows.to(t.device))
+
+
+def draw_probe(cfg: StarsConfig, generator: torch.Generator | None, rows: int) -> Probe:
+    idx = row_subset(cfg.sample_fraction, generator, rows)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
+    return Probe(idx, seed)
+
+
 def core_map_penalty(model, state: torch.Tensor, embedded: torch.Tensor, cfg: StarsConfig, *,
                      create_graph: bool, generator: torch.Generator | None = None,
                      iters: int | None = None) -> SpectralEstimate:
-    h, e = sample_rows(cfg.sample_fraction, generator, state.detach(), embedded.detach())
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator)) if generator is not None else None
-    with _no_checkpointing(model):
-        return spectral_penalty(core_map(model, e, seed), h, cfg.method, iters or cfg.iters,
+    probe = draw_probe(cfg, generator, state.shape[0])
+    h, e = probe.select(state.detach()), probe.select(embedded.detach())
+    with without_checkpointing(model):
+        return spectral_penalty(core_map(model, e, probe.seed), h, cfg.method, iters or cfg.iters,
                                 normalize=cfg.normalize, eps=cfg.fd_eps, create_graph=create_graph,
                                 generator=generator)
+
+
+def fd_penalty(h: torch.Tensor, cfg: StarsConfig, *, create_graph: bool,
+               generator: torch.Generator | None) -> FiniteDifference:
+    """The `fd` estimate at h (already `Probe.select`ed) as a sequence of evaluations, for a caller
+    that evaluates the map itself (the pipeline, across its stages); the direction is drawn from
+    `generator` after the probe, as `core_map_penalty` draws it."""
+    return FiniteDifference(h, random_direction(h, generator, cfg.normalize), cfg.iters, create_graph,
+                            cfg.normalize, cfg.fd_eps)
 
 
 def combine_loss(ce: torch.Tensor, penalty: torch.Tensor | None, cfg: StarsConfig) -> torch.Tensor:

@@ -9,10 +9,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from stars_scale.config import StarsConfig
-from stars_scale.data.arithmetic import IGNORE
+from stars_scale.loss import token_ce
 from stars_scale.stars.depth import Depth
 from stars_scale.stars.regularizer import combine_loss, core_map_penalty
 
@@ -48,10 +47,6 @@ def estimator_generator(seed: int, step: int, micro: int) -> torch.Generator:
 def init_state_generator(seed: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random initial state (init_state: random) of microbatch `micro`: the same on every layout."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 1009 + micro + 0x5EED) % (2**63 - 1))
-
-
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
 
 
 def split_microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:

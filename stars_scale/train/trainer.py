@@ -1,10 +1,17 @@
 """The training loop: depth sampling, CE + λ·penalty, AdamW, checkpoints, tracking, evaluation.
 
-Single process here; `stars_scale.parallel` supplies the multi-process pieces (process groups,
-tensor/pipeline-parallel model, ZeRO) through the same loop.
+One Trainer for every layout: what differs by layout (process groups, the model's parallel
+form, the forward-backward of a step, the optimizer/ZeRO step, checkpoint shards) is the
+`stars_scale.parallel.engine.Engine` it drives; one process is the engine's trivial case.
+
+Checkpoints: `model.pt` (the single-device model, consolidated under parallelism, so that
+`stars-eval` reads it as is), `rank_00003.pt` per rank (its model part when there are several
+ranks, optimizer state or a DeepSpeed directory, RNG, data position), `trainer_state.json`
+(step, schedule, layout) and `config.yaml`; resuming needs the same layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,13 +30,13 @@ from stars_scale.data.sources import build_eval_batch, build_train_source
 from stars_scale.errors import UserError
 from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
 from stars_scale.model.looped import LoopedLM
+from stars_scale.parallel.engine import Engine
 from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.host_malloc import keep_freed_memory
-from stars_scale.train.optim import build_optimizer, build_scheduler
-from stars_scale.train.step import forward_backward, split_microbatches
-from stars_scale.utils import atomic_write, atomic_write_text, flatten_dict
+from stars_scale.train.step import split_microbatches
+from stars_scale.utils import atomic_write_text, flatten_dict
 
 
 def git_commit() -> str | None:
@@ -41,24 +48,13 @@ def git_commit() -> str | None:
         return None
 
 
-def make_trainer(cfg: RunConfig, out_dir: str | Path, resume: str | bool | None = None,
-                 stop_after_steps: int | None = None) -> "Trainer":
-    """The single-process Trainer, or the ParallelTrainer when launched on several processes
-    (torchrun) or asked for tensor/pipeline parallelism."""
-    from stars_scale.parallel.state import wants_parallel
-
-    if wants_parallel(cfg):
-        from stars_scale.parallel.train import ParallelTrainer
-
-        return ParallelTrainer(cfg, out_dir, resume=resume, stop_after_steps=stop_after_steps)
-    return Trainer(cfg, out_dir, resume=resume, stop_after_steps=stop_after_steps)
-
-
 class PreemptionFlag:
-    """SIGUSR1 / SIGTERM set a flag; the loop finishes its step, checkpoints and stops."""
+    """SIGUSR1 / SIGTERM set a flag; the loop finishes its step, checkpoints and stops. `raised`
+    is the flag agreed by every rank at the end of a step (a signal seen by any rank stops all)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.raised = False
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -75,47 +71,43 @@ class PreemptionFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
-    @property
-    def raised(self) -> bool:
-        return self.signum is not None
-
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: str | bool | None = None,
                  stop_after_steps: int | None = None):
-        self.cfg = cfg
         self.out = Path(out_dir)
         self.stop_after_steps = stop_after_steps
-        self._setup_processes()
+        self.engine = engine = Engine(cfg)  # validates the layout before any process blocks
+        self.device = engine.device
+        if not engine.is_logger:  # one progress bar
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+        self.cfg = cfg
         if self.device.type == "cpu" and cfg.train.host_malloc == "tuned":
             keep_freed_memory()
         self.resume_from = self._resolve_resume(resume)
-        self._prepare_out_dir()
-
-        if cfg.data.batch_size % cfg.parallel.microbatches:
-            raise UserError(f"data.batch_size={cfg.data.batch_size} is not divisible by parallel.microbatches="
-                            f"{cfg.parallel.microbatches}")
+        engine.on_writer(self._prepare_out_dir)
         torch.manual_seed(cfg.seed)
-        self.model = self._build_model()
-        self.source = self._build_source()
+        self.model = engine.parallelize(self._build_model())  # the full model from the seed, then this rank's part
+        self.source = build_train_source(cfg, engine.ps.dp_rank, engine.ps.dp)
         self.sampler = DepthSampler(cfg.depth, cfg.seed)
-        self._build_optimizer()
+        self.scheduler = engine.build_optimizer()
         self.step = 0
         self.tokens_seen = 0
         self.run_id: str | None = None
+        self.depth_history: list[int] = []
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.tracker: MlflowTracker | None = None
         self.system_metrics: NodeSystemMetrics | None = None
-        self.preempt = self._make_preemption()
+        self.preempt = PreemptionFlag()
         self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
-    # ------------------------------------------------------------------ setup
-    # (hooks: stars_scale.parallel.train.ParallelTrainer overrides the process, model, source and
-    # optimizer pieces and keeps the rest of the loop)
+    @property
+    def reports(self) -> bool:
+        """Whether this process reports (logs, prints the summary): the logger rank."""
+        return self.engine.is_logger
 
-    def _setup_processes(self) -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # ------------------------------------------------------------------ setup
 
     def _build_model(self) -> LoopedLM:
         """The full single-device model: from the seed, or from converted weights (init.from)."""
@@ -123,17 +115,7 @@ class Trainer:
         model.checkpointing = self.cfg.train.checkpointing
         if self.resume_from is None and self.cfg.init.from_:
             self._init_from_converted(model, self.cfg.init.from_)
-        return model.to(self.device)
-
-    def _build_source(self):
-        return build_train_source(self.cfg)
-
-    def _build_optimizer(self) -> None:
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train.steps, self.cfg.optim)
-
-    def _make_preemption(self) -> PreemptionFlag:
-        return PreemptionFlag()
+        return model
 
     def _resolve_resume(self, resume: str | bool | None) -> Path | None:
         if not resume:
@@ -159,11 +141,12 @@ class Trainer:
         saved_cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
         if saved_cfg is not None and saved_cfg.model != self.cfg.model:
             raise UserError(f"{path}: the checkpoint's model config differs from this run's model config")
-        self.model.load_state_dict(ckpt.load_tensor_file(path / "model.pt"))
-        self.optimizer.load_state_dict(ckpt.load_tensor_file(path / "optimizer.pt"))
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(ckpt.load_tensor_file(path / "rng.pt"))
-        self.source.load_state_dict(state["data"])
+        if state.get("layout") != self.engine.layout():
+            raise UserError(f"{path}: written with layout {state.get('layout')}, this run is {self.engine.layout()}; "
+                            "resume on the same parallel.tp/pp/zero/microbatches and number of processes")
+        mine = self.engine.load_shards(path)
+        torch.set_rng_state(mine["rng"])
+        self.source.load_state_dict(mine["data"])
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.run_id = state.get("mlflow_run_id")
@@ -187,7 +170,7 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
         path = self.out / "metrics.jsonl"
-        if not path.is_file():
+        if not self.reports or not path.is_file():
             return
         keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
         atomic_write_text(path, "".join(line + "\n" for line in keep))
@@ -204,16 +187,18 @@ class Trainer:
                                                 node_id=f"node{node}" if node.isdigit() else node,
                                                 interval=t.system_metrics_interval)
 
-    def _layout_tag(self) -> str:
-        return "tp1-pp1-dp1-zero0"
-
     def _start_tracking(self) -> None:
+        if self.reports:
+            self._open_tracker()
+        self.run_id = self.engine.share(self.run_id)
+
+    def _open_tracker(self) -> None:
         t = self.cfg.tracking
         if not t.mlflow:
             return
         uri = default_tracking_uri(t.tracking_uri)
         tags = {"stars.git_commit": git_commit() or "unknown",
-                "stars.layout": self._layout_tag(),
+                "stars.layout": self.engine.tag,
                 "stars.out_dir": str(self.out.resolve())}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
@@ -230,69 +215,76 @@ class Trainer:
             self.tracker.log_params(flatten_dict(self.cfg.to_dict()))
             self.tracker.log_artifact(self.out / "config.yaml")
 
-
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
+        engine = self.engine
+        full = engine.full_state_dict()  # collective
+
         def write(tmp: Path) -> None:
-            ckpt.save_tensor_file(self.model.state_dict(), tmp / "model.pt")
-            ckpt.save_tensor_file(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            ckpt.save_tensor_file(torch.get_rng_state(), tmp / "rng.pt")
-            save_config(self.cfg, tmp / "config.yaml")
+            engine.save_shards(tmp, {"rng": torch.get_rng_state(), "data": self.source.state_dict()})
+            if engine.is_writer:
+                ckpt.save_tensor_file(full, tmp / "model.pt")
+                save_config(self.cfg, tmp / "config.yaml")
 
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                 "data": self.source.state_dict(), "mlflow_run_id": self.run_id,
-                 "layout": {"tp": 1, "pp": 1, "dp": 1}, "time": time.time()}
-        return ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.train.keep_last)
+                 "data": self.source.state_dict(), "mlflow_run_id": self.run_id, "layout": engine.layout(),
+                 "time": time.time()}
+        return ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.train.keep_last,
+                                    is_writer=engine.is_writer, barrier=engine.barrier)
 
     # ------------------------------------------------------------------ loop
 
     def train_step(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, engine = self.cfg, self.engine
         depth = self.sampler.sample(self.step)
+        engine.check_depth(self.step, depth.total)
+        self.depth_history.append(depth.total)
         t0 = time.perf_counter()
         self.model.train()
         # train.grad_accum batches per step, each split into parallel.microbatches microbatches
-        # (the unit the STARS estimator works on): one process with M microbatches equals dp
-        # ranks with M / dp each (stars_scale.parallel).
-        n_split = cfg.parallel.microbatches
-        accum = cfg.train.grad_accum * n_split
-        sums = {"loss": 0.0, "ce": 0.0}
-        pens, rhos, tokens = [], [], 0
-        micro = 0
-        for _ in range(cfg.train.grad_accum):
-            for mb in split_microbatches(self.source.next_batch(), n_split):
-                r = forward_backward(self.model, mb, depth, cfg.stars, step=self.step, micro=micro, seed=cfg.seed,
-                                     loss_scale=1.0 / accum, dtype=cfg.train.dtype)
-                micro += 1
-                sums["loss"] += r.loss / accum
-                sums["ce"] += r.ce / accum
-                tokens += r.tokens
-                if r.rho is not None:
-                    pens.append(r.penalty)
-                    rhos.append(r.rho)
-        clip = cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # (the unit the STARS estimator works on)
+        batches, micro_ids = [], []
+        for a in range(cfg.train.grad_accum):
+            for j, mb in enumerate(split_microbatches(self.source.next_batch(), cfg.parallel.microbatches)):
+                batches.append(mb)
+                micro_ids.append(engine.micro_id(a, j))
+        results = engine.forward_backward(batches, micro_ids, depth, self.step)
+        lr = engine.lr
+        grad_norm = engine.optimizer_step()
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        m = engine.reduce_metrics(results)
+        self.preempt.raised = engine.any_rank(self.preempt.signum is not None)
         dt = time.perf_counter() - t0
         self.step += 1
-        self.tokens_seen += tokens
+        self.tokens_seen += m["tokens"]
         return {
-            "step": self.step, "loss": sums["loss"], "ce": sums["ce"],
-            "penalty": sum(pens) / len(pens) if pens else None, "rho": sum(rhos) / len(rhos) if rhos else None,
-            "depth": depth.total, "n_grad": depth.n_grad, "lr": lr, "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens / dt, "tokens": self.tokens_seen, "step_time": dt,
+            "step": self.step, "loss": m["loss"], "ce": m["ce"], "penalty": m["penalty"], "rho": m["rho"],
+            "depth": depth.total, "n_grad": depth.n_grad, "lr": lr, "grad_norm": grad_norm,
+            "tokens_per_s": m["tokens"] / dt, "tokens": self.tokens_seen, "step_time": dt,
         }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def full_model(self) -> LoopedLM | None:
+        """The single-device model on the reporting rank (None elsewhere); collective."""
+        if not self.engine.multi:
+            return self.model
+        full = self.engine.full_state_dict()
+        if not self.reports:
+            return None
+        model = LoopedLM(self.cfg.model)
+        model.load_state_dict(full)
+        return model.to(self.device).eval()
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        model = self.full_model()
+        if model is None:
+            return {}
         batch, has_acc = self.eval_batch()
-        res = depth_sweep(self.model, batch, [median_depth(self.cfg.depth)], rho_iters=1, rho_samples=1,
+        res = depth_sweep(model, batch, [median_depth(self.cfg.depth)], rho_iters=1, rho_samples=1,
                           batch_size=self.cfg.eval.batch_size, seed=self.cfg.seed, has_accuracy=has_acc)
         out = {"val_loss": res["loss"][0]}
         if has_acc:
@@ -305,6 +297,8 @@ class Trainer:
         return self._eval_batch
 
     def _log(self, metrics: dict[str, Any]) -> None:
+        if not self.reports:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.tracker is not None:
@@ -314,8 +308,11 @@ class Trainer:
         e = self.cfg.eval
         if not e.depths:
             return None
+        model = self.full_model()
+        if model is None:
+            return None
         batch, has_acc = self.eval_batch()
-        results = depth_sweep(self.model, batch, e.depths, rho_iters=e.rho_iters, batch_size=e.batch_size,
+        results = depth_sweep(model, batch, e.depths, rho_iters=e.rho_iters, batch_size=e.batch_size,
                               seed=self.cfg.seed, has_accuracy=has_acc)
         results["step"] = self.step
         jpath, ppath = write_depth_scaling(results, self.out, title=f"{self.out.name} @ step {self.step}")
@@ -401,7 +398,7 @@ class Trainer:
         if not job:
             print(f"stopped by {name} at step {self.step}; checkpoint saved, resume with --resume", file=sys.stderr)
             return
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not self.engine.is_writer:
             return
         if os.environ.get("STARS_LAUNCHER_REQUEUES") == "1":  # launch/sbatch.template requeues after we exit
             print(f"stopped by {name} at step {self.step}; checkpoint saved; the batch script requeues job {job}",

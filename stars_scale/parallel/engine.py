@@ -1,0 +1,225 @@
+"""What a training step does differently on each layout, behind one object the `Trainer` drives.
+
+torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the groups) and a
+`parallelize` that applies the parallelism to the plain model; one process is the trivial case
+(every dimension 1, no process group, every collective skipped), not a second code path.
+
+    Engine(cfg)                  process groups (state.init_parallel), the layout validated
+    engine.parallelize(model)    tp > 1: megatron-core layers (tensor.py); pp > 1: this stage's
+                                 part (pipeline.split_stage); then the device
+    engine.build_optimizer()     zero 0: AdamW + our DP all-reduce and global clipping;
+                                 zero 1/2: DeepSpeed (data_parallel.py)
+    engine.forward_backward()    pp > 1: the loop pipeline; else `step.forward_backward` per microbatch
+    engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
+    engine.reduce_metrics()      the step's metrics, averaged over dp, the same on every rank
+    engine.save_shards/load_shards  this rank's shard of the checkpoint (the resharding seam)
+    engine.full_state_dict()     the single-device state dict (collective)
+
+Microbatches: each DP rank reads `batch_size / dp` rows per source batch and splits them into
+`parallel.microbatches`; microbatch j of DP rank r in accumulation round a is global microbatch
+a·dp·M + r·M + j, which seeds the STARS estimator and the random initial state. A run on dp ranks
+with M microbatches therefore equals one process with dp·M microbatches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from stars_scale.config import RunConfig
+from stars_scale.errors import UserError
+from stars_scale.parallel.consolidate import full_state_dict
+from stars_scale.parallel.data_parallel import build_data_parallel
+from stars_scale.parallel.pipeline import LoopPipeline, split_stage
+from stars_scale.parallel.state import init_parallel
+from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
+from stars_scale.stars.depth import Depth
+from stars_scale.train import checkpoint as ckpt
+from stars_scale.train.step import MicroResult, forward_backward
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.ps = init_parallel(cfg)
+        self.device = self.ps.device
+        self.model = None
+        self.core_offset = 0
+        self.pipeline: LoopPipeline | None = None
+        self.opt = None
+
+    # ------------------------------------------------------------------ who does what
+
+    @property
+    def multi(self) -> bool:
+        return self.ps.world > 1
+
+    @property
+    def is_logger(self) -> bool:
+        """The one rank that logs metrics, talks to MLflow and reports (the last stage's first)."""
+        return self.ps.is_logger
+
+    @property
+    def is_writer(self) -> bool:
+        """The one rank that writes the run's shared files (config, consolidated model)."""
+        return self.ps.rank == 0
+
+    @property
+    def tag(self) -> str:
+        return f"{self.ps.layout}-zero{self.zero}"
+
+    @property
+    def zero(self) -> int:
+        return self.cfg.parallel.zero if self.multi else 0
+
+    def layout(self) -> dict:
+        """What a checkpoint's shards depend on (resuming needs the same)."""
+        return {"tp": self.ps.tp, "pp": self.ps.pp, "dp": self.ps.dp, "zero": self.zero,
+                "microbatches": self.cfg.parallel.microbatches}
+
+    def share(self, obj, src: int | None = None):
+        """`obj` of rank `src` (default: the logger) on every rank."""
+        if not self.multi:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.ps.logger_rank if src is None else src)
+        return box[0]
+
+    def on_writer(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on rank 0; its UserError is raised on every rank (one clear error, no hang)."""
+        error = None
+        if self.is_writer:
+            try:
+                fn()
+            except UserError as e:
+                error = str(e)
+        error = self.share(error, src=0)
+        if error is not None:
+            raise UserError(error)
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any."""
+        if not self.multi:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def barrier(self) -> None:
+        if self.multi:
+            dist.barrier()
+
+    # ------------------------------------------------------------------ model, optimizer
+
+    def parallelize(self, model):
+        """The full single-device model (built the same way on every rank) -> this rank's part."""
+        ps = self.ps
+        if ps.tp > 1:
+            parallelize_tensor(model.cpu(), ps.tp, ps.tp_rank)
+        self.core_offset, _ = split_stage(model, ps.pp, ps.pp_rank)
+        self.model = model.to(self.device)
+        if ps.pp > 1:
+            self.pipeline = LoopPipeline(self.model, ps, self.cfg.parallel.schedule)
+        return self.model
+
+    def build_optimizer(self):
+        """The optimizer step for this layout; returns the learning-rate schedule."""
+        n = self.cfg.train.grad_accum * self.cfg.parallel.microbatches
+        backwards = self.pipeline.backwards_per_step(n) if self.pipeline is not None else n
+        self.opt = build_data_parallel(self.model, self.cfg, self.ps, backwards, zero=self.zero)
+        return self.opt.scheduler
+
+    @property
+    def lr(self) -> float:
+        return self.opt.lr
+
+    # ------------------------------------------------------------------ one step
+
+    def micro_id(self, accum: int, j: int) -> int:
+        M = self.cfg.parallel.microbatches
+        return accum * self.ps.dp * M + self.ps.dp_rank * M + j
+
+    def check_depth(self, step: int, total: int) -> None:
+        if not self.multi:
+            return
+        t = torch.tensor([total, -total], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if int(t[0]) != total or int(-t[1]) != total:
+            raise RuntimeError(f"step {step}: ranks drew different depths ({int(-t[1])}..{int(t[0])})")
+
+    def forward_backward(self, batches: list[dict], micro_ids: list[int], depth: Depth, step: int) -> list[MicroResult]:
+        cfg = self.cfg
+        common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype)
+        if self.pipeline is not None:
+            return self.pipeline.forward_backward(batches, depth, cfg.stars, micro_ids=micro_ids,
+                                                  backward=self.opt.backward, **common)
+        tp = self.ps.tp
+        return [forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
+                                 ce_fn=lambda logits, labels: vocab_parallel_ce(logits, labels, tp), **common)
+                for mb, mi in zip(batches, micro_ids)]
+
+    def optimizer_step(self) -> float:
+        """Average over dp, clip by the global norm, update, advance the schedule; the norm."""
+        return self.opt.step()
+
+    def reduce_metrics(self, results: list[MicroResult]) -> dict:
+        """loss, ce, penalty, rho (means over the step's microbatches, all DP ranks) and tokens,
+        from the last stage to every rank."""
+        ps = self.ps
+        vec = torch.zeros(6, dtype=torch.float64, device=self.device)
+        if ps.is_last_stage:
+            n = len(results)
+            vec[0] = sum(r.loss for r in results) / n
+            vec[1] = sum(r.ce for r in results) / n
+            has = [r for r in results if r.rho is not None]
+            if has:
+                vec[2] = sum(r.penalty for r in has) / len(has)
+                vec[3] = sum(r.rho for r in has) / len(has)
+                vec[4] = 1.0
+            vec[5] = sum(r.tokens for r in results)
+            if ps.dp > 1:
+                dist.all_reduce(vec, group=ps.dp_group)
+                vec[:5] /= ps.dp
+        if self.multi:
+            dist.broadcast(vec, src=ps.logger_rank)
+        has_rho = bool(vec[4] > 0.5)
+        return {"loss": float(vec[0]), "ce": float(vec[1]), "penalty": float(vec[2]) if has_rho else None,
+                "rho": float(vec[3]) if has_rho else None, "tokens": int(vec[5])}
+
+    # ------------------------------------------------------------------ checkpoint shards
+
+    def rank_file(self, d: Path) -> Path:
+        return d / f"rank_{self.ps.rank:05d}.pt"
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The single-device state dict (collective: every rank calls it)."""
+        if not self.multi:
+            return self.model.state_dict()
+        return full_state_dict(self.model, self.ps, self.core_offset, self.cfg.model)
+
+    def save_shards(self, tmp: Path, extra: dict) -> None:
+        """This rank's shard into the checkpoint being written: its model part (when the model is
+        split or replicated), optimizer (or DeepSpeed) state and `extra` (RNG, data position)."""
+        state = {**extra, "layout": self.layout()}
+        if self.multi:
+            state["model"] = self.model.state_dict()
+        if self.zero == 0:
+            state["engine"] = self.opt.state_dict()
+        ckpt.save_tensor_file(state, self.rank_file(tmp))
+        if self.zero:
+            self.opt.save(tmp / "deepspeed", tag="state")
+
+    def load_shards(self, path: Path) -> dict:
+        """This rank's shard of checkpoint `path` into the model and optimizer; returns its extras."""
+        f = self.rank_file(path)
+        if not f.is_file():
+            raise UserError(f"{path}: no {f.name} (the checkpoint was written by another layout or is incomplete)")
+        mine = ckpt.load_tensor_file(f)
+        self.model.load_state_dict(mine["model"] if self.multi else ckpt.load_tensor_file(path / "model.pt"))
+        if self.zero == 0:
+            self.opt.load_state_dict(mine["engine"])
+        else:
+            self.opt.load(path / "deepspeed", tag="state")
+        return mine
