@@ -50,7 +50,8 @@ def normalise(text: str, cwd: Path) -> str:
 
 
 TP2PP2 = """\
-model: {hidden: 64, heads: 4}
+model: {hidden: 64, heads: 4, n_core: 2}
+stars: {method: fd}
 parallel: {tp: 2, pp: 2, zero: 1, microbatches: 4}
 tracking: {run_name: tp2pp2}
 """
@@ -97,7 +98,8 @@ def test_dry_run_array_sweep_srun_mode_matches_expected(no_cluster, capsys, monk
      ["#SBATCH --job-name=again", "export STARS_RESUME=1"]),
 ])
 def test_dry_run_layouts(no_cluster, capsys, argv, lines):
-    cfg = write_config(no_cluster / "c.yaml", "parallel: {tp: 1}\n")
+    # the trainer's layout rules apply at submission: 48 rows split over 1, 4 and 12 ranks
+    cfg = write_config(no_cluster / "c.yaml", "parallel: {tp: 1}\ndata: {batch_size: 48}\n")
     rc, out, err = launch(capsys, "--config", str(cfg), *argv, "--dry-run")
     assert rc == 0, err
     for line in lines:
@@ -117,13 +119,17 @@ def test_rendered_scripts_are_valid_bash(no_cluster, capsys):
 
 @pytest.mark.parametrize("config,argv,needle", [
     (TP2PP2, ["--nodes", "1", "--gpus-per-node", "2"],
-     "parallel.tp 2 x parallel.pp 2 needs 4 devices, but --nodes 1 x --gpus-per-node 2 gives 2"),
+     "parallel.tp × parallel.pp = 2 × 2 = 4 does not divide the world size 2 (--nodes 1 x --gpus-per-node 2)"),
     ("parallel: {tp: 4}\n", ["--nodes", "3", "--gpus-per-node", "2"],
-     "world size 6 (--nodes 3 x --gpus-per-node 2) is not divisible by parallel.tp 4 x parallel.pp 1 = 4"),
+     "parallel.tp × parallel.pp = 4 × 1 = 4 does not divide the world size 6 (--nodes 3 x --gpus-per-node 2)"),
     ("parallel: {pp: 3}\n", ["--nodes", "2", "--procs-per-node", "2"],
-     "world size 4 (--nodes 2 x --procs-per-node 2) is not divisible by parallel.tp 1 x parallel.pp 3"),
-    ("parallel: {tp: 2}\n", ["--nodes", "2", "--gpus-per-node", "2", "--array", "parallel.tp=1,3"],
-     "--array task 1 (parallel.tp=3): world size 4"),
+     "parallel.tp × parallel.pp = 1 × 3 = 3 does not divide the world size 4 (--nodes 2 x --procs-per-node 2)"),
+    # the trainer's rules, at submission: pp needs a core block per stage
+    ("parallel: {pp: 2}\n", ["--nodes", "1", "--gpus-per-node", "2"],
+     "parallel.pp=2 is larger than model.n_core=1"),
+    ("parallel: {tp: 2}\nstars: {method: fd}\n", ["--nodes", "2", "--gpus-per-node", "2", "--array",
+                                                 "parallel.tp=1,3"],
+     "--array task 1 (parallel.tp=3): parallel.tp × parallel.pp = 3 × 1 = 3 does not divide the world size 4"),
     ("{}\n", ["--nodes", "1", "--gpus-per-node", "8", "--procs-per-node", "4"],
      "--procs-per-node 4: GPU jobs run one process per GPU"),
     ("model: {hiden: 3}\n", ["--nodes", "1"], "model.hiden: unknown config key"),
@@ -184,8 +190,8 @@ def test_console_script_config_error_has_no_traceback(no_cluster):
                           "--nodes", "1", "--gpus-per-node", "4"], capture_output=True, text=True,
                          cwd=no_cluster, env=os.environ.copy())
     assert res.returncode == 2 and res.stdout == ""
-    assert res.stderr == ("error: parallel.tp 8 x parallel.pp 1 needs 8 devices, but --nodes 1 x "
-                          "--gpus-per-node 4 gives 4\n")
+    assert res.stderr == ("error: parallel.tp × parallel.pp = 8 × 1 = 8 does not divide the world size 4 "
+                          "(--nodes 1 x --gpus-per-node 4): run a multiple of 8 processes or change parallel.tp/pp\n")
 
 
 def test_submit_without_sbatch_is_a_clear_error(no_cluster, capsys, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from stars_scale.errors import ConfigError
-from stars_scale.parallel.state import check_layout
+from stars_scale.parallel.layout import check_layout
 from stars_scale.parallel.testing import BASE, make_cfg
 
 

@@ -1,10 +1,11 @@
-"""The parallel layout of a Slurm job: nodes x processes per node against parallel.tp/pp."""
+"""The parallel layout of a Slurm job: nodes x processes per node against the layout rules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
+from stars_scale.parallel.layout import layout_problems
 
 
 @dataclass(frozen=True)
@@ -50,19 +51,15 @@ def procs_per_node(gpus_per_node: int, requested: int | None) -> int:
 
 def check_layout(cfg: RunConfig, nodes: int, gpus_per_node: int, procs: int | None,
                  where: str = "") -> Layout:
-    """Raise UserError when parallel.tp x parallel.pp cannot be laid out on the allocation."""
+    """Raise UserError when the config cannot run on the allocation: the trainer's own layout
+    rules (`stars_scale.parallel.layout`), checked at submission instead of on the cluster."""
     if nodes < 1:
         raise UserError(f"--nodes: must be >= 1, got {nodes}")
     per_node = procs_per_node(gpus_per_node, procs)
     lay = Layout(nodes, gpus_per_node, per_node, cfg.parallel.tp, cfg.parallel.pp)
-    model = lay.tp * lay.pp
     devices = (f"--nodes {nodes} x --gpus-per-node {gpus_per_node}" if gpus_per_node
                else f"--nodes {nodes} x --procs-per-node {per_node}")
-    prefix = f"{where}: " if where else ""
-    if lay.world < model:
-        raise UserError(f"{prefix}parallel.tp {lay.tp} x parallel.pp {lay.pp} needs {model} devices, "
-                        f"but {devices} gives {lay.world}")
-    if lay.world % model:
-        raise UserError(f"{prefix}world size {lay.world} ({devices}) is not divisible by "
-                        f"parallel.tp {lay.tp} x parallel.pp {lay.pp} = {model}")
+    problems = layout_problems(cfg, lay.world, allocation=devices, cuda=gpus_per_node > 0)
+    if problems:
+        raise UserError(f"{where}: {problems[0]}" if where else problems[0])
     return lay

@@ -22,6 +22,7 @@ with M microbatches therefore equals one process with dp·M microbatches.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +33,7 @@ from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
 from stars_scale.parallel.consolidate import full_state_dict
 from stars_scale.parallel.data_parallel import build_data_parallel
-from stars_scale.parallel.pipeline import LoopPipeline, split_stage
+from stars_scale.parallel.pipeline import LoopPipeline, SavedBytes, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
 from stars_scale.stars.depth import Depth
@@ -49,6 +50,10 @@ class Engine:
         self.core_offset = 0
         self.pipeline: LoopPipeline | None = None
         self.opt = None
+        # measured activation memory (tests, benches): the most bytes autograd held for backward
+        # at once in the last step (SavedBytes: unique storages, parameters excluded)
+        self.measure = False
+        self.peak_saved_bytes = 0
 
     # ------------------------------------------------------------------ who does what
 
@@ -153,12 +158,22 @@ class Engine:
         cfg = self.cfg
         common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype)
         if self.pipeline is not None:
-            return self.pipeline.forward_backward(batches, depth, cfg.stars, micro_ids=micro_ids,
-                                                  backward=self.opt.backward, **common)
+            self.pipeline.measure = self.measure
+            out = self.pipeline.forward_backward(batches, depth, cfg.stars, micro_ids=micro_ids,
+                                                 backward=self.opt.backward, **common)
+            self.peak_saved_bytes = self.pipeline.stats.peak_saved_bytes
+            return out
         tp = self.ps.tp
-        return [forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
-                                 ce_fn=lambda logits, labels: vocab_parallel_ce(logits, labels, tp), **common)
-                for mb, mi in zip(batches, micro_ids)]
+        out, self.peak_saved_bytes = [], 0
+        for mb, mi in zip(batches, micro_ids):  # one microbatch in flight: its backward frees it
+            meter = SavedBytes(self.model) if self.measure else None
+            with meter.hooks() if meter is not None else contextlib.nullcontext():
+                out.append(forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
+                                            ce_fn=lambda logits, labels: vocab_parallel_ce(logits, labels, tp),
+                                            **common))
+            if meter is not None:
+                self.peak_saved_bytes = max(self.peak_saved_bytes, meter.total)
+        return out
 
     def optimizer_step(self) -> float:
         """Average over dp, clip by the global norm, update, advance the schedule; the norm."""

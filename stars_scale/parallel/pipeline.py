@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stars_scale.config import StarsConfig
+from stars_scale.parallel.layout import round_size
 from stars_scale.parallel.p2p import Mailbox, recv_with_grad, send_with_grad
 from stars_scale.parallel.tensor import vocab_parallel_ce
 from stars_scale.stars.depth import Depth
@@ -114,11 +115,6 @@ def pass_plan(depth: Depth, stars: StarsConfig, step: int) -> list[Pass]:
         n = stars.iters + 1
         plan += [Pass("fd", FiniteDifference.grad_at(i, n, on)) for i in range(n)]
     return plan
-
-
-def round_size(schedule: str, pp: int, microbatches: int) -> int:
-    """Microbatches per round (held in flight on a stage): min(pp, M) under 1f1b, M under gpipe."""
-    return microbatches if schedule == "gpipe" else max(1, min(pp, microbatches))
 
 
 @dataclass

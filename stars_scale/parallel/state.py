@@ -3,7 +3,8 @@
 The world is factored as tp (fastest) × dp × pp (slowest), megatron-core's default order
 "tp-cp-ep-dp-pp": data parallelism is whatever remains after tp × pp. Backend: nccl when CUDA is
 available, gloo otherwise. Every layout check runs *before* `init_process_group`, so a bad
-layout fails with one clear `ConfigError` on every rank instead of hanging in a collective.
+layout fails with one clear `ConfigError` on every rank instead of hanging in a collective
+(the rules: `layout.py`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig
-from stars_scale.errors import ConfigError
+from stars_scale.parallel.layout import check_layout
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -27,44 +28,6 @@ def world_from_env() -> tuple[int, int, int]:
 def wants_parallel(cfg: RunConfig) -> bool:
     """True when this run needs the multi-process trainer (launched by torchrun, or tp/pp > 1)."""
     return world_from_env()[1] > 1 or cfg.parallel.tp > 1 or cfg.parallel.pp > 1
-
-
-def check_layout(cfg: RunConfig, world_size: int) -> int:
-    """Validate tp × pp × dp against the world size and the model; return dp. Raises ConfigError."""
-    p, m = cfg.parallel, cfg.model
-    tp, pp = p.tp, p.pp
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"parallel.tp × parallel.pp = {tp} × {pp} = {tp * pp} does not divide the world size {world_size}: "
-            f"launch a multiple of {tp * pp} processes (torchrun --nproc_per_node) or change parallel.tp/pp")
-    dp = world_size // (tp * pp)
-    kv = m.kv_heads or m.heads
-    if m.heads % tp:
-        raise ConfigError(f"model.heads={m.heads} is not divisible by parallel.tp={tp} "
-                          "(every tensor-parallel rank holds whole attention heads)")
-    if kv % tp:
-        raise ConfigError(f"model.kv_heads={kv} is not divisible by parallel.tp={tp} "
-                          "(every tensor-parallel rank holds whole key/value heads)")
-    from stars_scale.model.layers import mlp_hidden
-
-    if mlp_hidden(m) % tp:
-        raise ConfigError(f"model.mlp_hidden={mlp_hidden(m)} is not divisible by parallel.tp={tp}")
-    if pp > m.n_core:
-        raise ConfigError(f"parallel.pp={pp} is larger than model.n_core={m.n_core}: the pipeline splits the "
-                          "core's blocks over the stages, so every stage needs at least one core block")
-    rows = cfg.data.batch_size
-    if rows % (dp * p.microbatches):
-        raise ConfigError(f"data.batch_size={rows} is not divisible by dp × parallel.microbatches = "
-                          f"{dp} × {p.microbatches} (every microbatch needs the same number of rows)")
-    s = cfg.stars
-    estimating = s.lam > 0 or s.estimate_every > 0
-    if estimating and s.method != "fd" and (tp > 1 or pp > 1):
-        raise ConfigError(f"stars.method={s.method} needs double backward (or forward-mode AD) through the core "
-                          f"map, which tensor- and pipeline-parallel layers do not support: use stars.method: fd "
-                          f"with parallel.tp={tp}, parallel.pp={pp}")
-    if cfg.train.dtype == "bf16" and p.zero and not torch.cuda.is_available():
-        raise ConfigError("train.dtype=bf16 with parallel.zero > 0 needs CUDA (DeepSpeed's CPU path here is fp32)")
-    return dp
 
 
 @dataclass
@@ -115,9 +78,6 @@ class ParallelState:
         return f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
 
 
-_STATE: ParallelState | None = None
-
-
 def single_process(device: torch.device) -> ParallelState:
     """One process: every dimension 1, no process group (every collective is skipped)."""
     return ParallelState(rank=0, world=1, tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0, device=device,
@@ -127,10 +87,9 @@ def single_process(device: torch.device) -> ParallelState:
 def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
     """init_process_group + megatron-core's model-parallel groups; validated before anything blocks.
     A run that needs no second process gets `single_process` (no process group)."""
-    global _STATE
     rank, world, local_rank = world_from_env()
-    dp = check_layout(cfg, world)
     cuda = torch.cuda.is_available()
+    dp = check_layout(cfg, world, cuda=cuda)
     if cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -151,7 +110,7 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
     mps.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tp,
                                   pipeline_model_parallel_size=cfg.parallel.pp,
                                   create_gloo_process_groups=False)
-    _STATE = ParallelState(
+    state = ParallelState(
         rank=rank, world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, dp=dp,
         tp_rank=mps.get_tensor_model_parallel_rank(), pp_rank=mps.get_pipeline_model_parallel_rank(),
         dp_rank=mps.get_data_parallel_rank(), device=device,
@@ -159,24 +118,18 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
         mp_group=mps.get_model_parallel_group(), pp_group=mps.get_pipeline_model_parallel_group(),
         pp_ranks=list(dist.get_process_group_ranks(mps.get_pipeline_model_parallel_group())),
     )
-    who = torch.tensor([rank if _STATE.is_logger else -1], dtype=torch.int64, device=device)
+    who = torch.tensor([rank if state.is_logger else -1], dtype=torch.int64, device=device)
     dist.all_reduce(who, op=dist.ReduceOp.MAX)
-    _STATE.logger_rank = int(who.item())
-    return _STATE
-
-
-def current() -> ParallelState | None:
-    return _STATE
+    state.logger_rank = int(who.item())
+    return state
 
 
 def destroy_parallel() -> None:
-    global _STATE
     from megatron.core import parallel_state as mps
 
     mps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    _STATE = None
 
 
 def _free_port() -> int:

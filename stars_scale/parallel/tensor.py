@@ -18,18 +18,13 @@ head's own weight gets the same attributes. `full_state_dict` inverts the shardi
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 
 from stars_scale.loss import IGNORE, token_ce
+from stars_scale.parallel.layout import padded_vocab
 
 _NEG = -1e30  # padded logits: exp() underflows to exactly 0
-
-
-def padded_vocab(vocab: int, tp: int) -> int:
-    return int(math.ceil(vocab / tp) * tp)
 
 
 def _mp_config(tp: int, dtype: torch.dtype):

@@ -2,7 +2,7 @@
 
 `spawn(fn, world, *args)` starts `world` processes with the torchrun environment set, runs
 `fn(rank, world, *args)` in each, and returns every rank's return value (or raises with the
-failing rank's traceback). Used by tests/test_parallel_*.py and bench/pipeline_bubble.py.
+failing rank's traceback). Used by tests/test_parallel_*.py and bench/pipeline_schedule.py.
 """
 from __future__ import annotations
 
