@@ -42,7 +42,9 @@ def test_1f1b_memory_is_flat_in_microbatches_and_gpipe_grows(measured):
     for stage in range(2):
         f = [measured[("1f1b", M)][stage]["peak"] for M in (2, 4, 8)]
         g = [measured[("gpipe", M)][stage]["peak"] for M in (2, 4, 8)]
-        assert f[0] > 0 and f[0] == f[1] == f[2], (stage, f)  # one round of P = 2 microbatches at a time
+        # one round of P = 2 microbatches at a time; the microbatches' token ids are views of the
+        # step's batch, so the storage the embedding saves grows by M·rows·T·8 bytes (< 1%)
+        assert f[0] > 0 and max(f) <= 1.01 * min(f), (stage, f)
         assert g[0] == f[0] and g[1] >= 1.9 * g[0] and g[2] >= 1.9 * g[1], (stage, g)  # all M held
     assert [measured[("1f1b", M)][0]["rounds"] for M in (2, 4, 8)] == [1, 2, 4]
     assert [measured[("gpipe", M)][0]["rounds"] for M in (2, 4, 8)] == [1, 1, 1]

@@ -8,8 +8,8 @@ Parameters  counted exactly as `LoopedLM` builds them (the tests compare with an
             norm: the weights every iteration reuses), coda (+ final norm), head (untied
             lm_head, exit gate).
 Layout      world = nodes × gpus_per_node = tp · pp · dp. TP (within a node) shards the
-            attention/MLP matrices, the embedding and the head; norms and the adapter are
-            replicated. PP splits the *core's blocks* over stages (every iteration passes
+            attention/MLP matrices, the embedding, the head and the adapter (row-parallel);
+            norms are replicated. PP splits the *core's blocks* over stages (every iteration passes
             through all stages); the prelude and adapter sit on the first stage, the state norm,
             coda and head on the last (a tied head keeps no copy there: it receives the
             embedding weight each round, counted as transient). The vocabulary is padded to a

@@ -136,14 +136,15 @@ def vocab_rows_per_rank(m: ModelConfig, tp: int) -> int:
 
 def stage_param_elems(m: ModelConfig, counts: ParamCounts, st: StageShape, tp: int) -> float:
     """Parameters one GPU holds for stage `st` under tp (vocab-parallel embedding and head,
-    padded as parallel/tensor.py pads them). A tied head keeps no copy on the last stage: the
+    padded as parallel/tensor.py pads them; the adapter row-parallel). A tied head keeps no copy on the last stage: the
     first stage's weight is sent to it every round (a transient, see `evaluate_layout`)."""
     blk = counts.block
     n_blocks = st.prelude + st.core + st.coda
     elems = n_blocks * (blk.sharded / tp + blk.replicated)
     vocab = vocab_rows_per_rank(m, tp) * m.hidden
     if st.first:
-        elems += vocab + counts.pos_embed + counts.adapter
+        adapter_bias = m.hidden if (counts.adapter and m.bias) else 0  # after the row-parallel all-reduce
+        elems += vocab + counts.pos_embed + (counts.adapter - adapter_bias) / tp + adapter_bias
     if st.last:
         elems += counts.state_norm + counts.final_norm + counts.exit_gate
         if not m.tie_embeddings:
