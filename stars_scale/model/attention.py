@@ -75,3 +75,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "au
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Causal attention of the last Tq positions (q [B, H, Tq, D]) over Tk >= Tq cached keys.
+
+    Query i sits at position Tk - Tq + i (bottom-right aligned causal mask): generation with a
+    KV cache. Inference only (no dropout).
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if Tq == Tk:
+        return attend(q, k, v, backend)
+    if (backend in ("auto", "flash") and _flash_attn_func is not None and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)):  # flash-attn aligns causal bottom-right
+        return _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                causal=True).transpose(1, 2)
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    mask = None
+    if Tq > 1:
+        pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        mask = torch.arange(Tk, device=q.device)[None, :] <= pos_q
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stars_scale.config import ModelConfig
-from stars_scale.model.attention import attend
+from stars_scale.model.attention import attend, attend_cached
 
 
 class RMSNorm(nn.Module):
@@ -74,8 +74,13 @@ class Attention(nn.Module):
         self.backend = cfg.attention
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache=None) -> torch.Tensor:
+        """`kv_cache` (generation): an object with `.offset` (position of x's first token) and
+        `.update(k, v) -> (k_all, v_all)`; see stars_scale/generate/cache.py."""
         B, T, _ = x.shape
+        if kv_cache is not None and rope is not None:  # x starts at position kv_cache.offset
+            rope = (rope[0][kv_cache.offset:], rope[1][kv_cache.offset:])
         # Head counts are read off the projections so a tensor-parallel shard (fewer local
         # heads) runs the same code.
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -85,7 +90,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attend(q, k, v, self.backend, self.dropout if self.training else 0.0)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            y = attend_cached(q, k, v, self.backend)
+        else:
+            y = attend(q, k, v, self.backend, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -136,15 +145,16 @@ class Block(nn.Module):
             self.norm4 = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache=None) -> torch.Tensor:
         if self.placement == "pre":
-            x = x + self.drop(self.attn(self.norm1(x), rope))
+            x = x + self.drop(self.attn(self.norm1(x), rope, kv_cache))
             return x + self.drop(self.mlp(self.norm2(x)))
         if self.placement == "sandwich":
-            x = self.norm2(x + self.drop(self.attn(self.norm1(x), rope)))
+            x = self.norm2(x + self.drop(self.attn(self.norm1(x), rope, kv_cache)))
             return self.norm4(x + self.drop(self.mlp(self.norm3(x))))
         if self.placement == "peri":
-            x = x + self.drop(self.norm2(self.attn(self.norm1(x), rope)))
+            x = x + self.drop(self.norm2(self.attn(self.norm1(x), rope, kv_cache)))
             return x + self.drop(self.norm4(self.mlp(self.norm3(x))))
-        x = self.norm1(x + self.drop(self.attn(x, rope)))
+        x = self.norm1(x + self.drop(self.attn(x, rope, kv_cache)))
         return self.norm2(x + self.drop(self.mlp(x)))

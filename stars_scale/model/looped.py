@@ -82,27 +82,31 @@ class LoopedLM(nn.Module):
     def rope(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.cfg.positions == "rope" else None
 
-    def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, block: nn.Module, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        if kv_cache is not None:  # generation (stars_scale.generate): inference only
+            return block(x, self.rope(), kv_cache)
         if self.checkpointing == "block" and torch.is_grad_enabled() and self.training:
             return checkpoint(block, x, self.rope(), use_reentrant=False)
         return block(x, self.rope())
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Token (+ learned position) embeddings of positions offset .. offset + T - 1."""
         T = input_ids.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if offset + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {offset + T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.embed(input_ids)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(T, device=input_ids.device))
+            x = x + self.pos_embed(torch.arange(offset, offset + T, device=input_ids.device))
         return self.drop(x)
 
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Tokens -> e, the prelude's output."""
-        x = self.embed_tokens(input_ids)
-        for block in self.prelude:
-            x = self._block(block, x)
+    def encode(self, input_ids: torch.Tensor, kv_cache=None, offset: int = 0) -> torch.Tensor:
+        """Tokens -> e, the prelude's output. With `kv_cache` (one entry per prelude block) the
+        tokens are positions offset.. of a sequence whose earlier keys/values are cached."""
+        x = self.embed_tokens(input_ids, offset)
+        for i, block in enumerate(self.prelude):
+            x = self._block(block, x, None if kv_cache is None else kv_cache[i])
         return x
 
     def init_state(self, e: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -124,14 +128,15 @@ class LoopedLM(nn.Module):
             return s + e
         return s
 
-    def core_step(self, s: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
+    def core_step(self, s: torch.Tensor, e: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
         """The core map f(s, e): one loop iteration. STARS regularises its Jacobian in s.
 
         A pipeline stage holds a slice of `core` (and the state norm only on the last stage): its
-        `core_step` is its part of the map, and stages after the first get e=None (s is injected)."""
+        `core_step` is its part of the map, and stages after the first get e=None (s is injected).
+        `kv_cache`: one entry per core block, for this iteration (generation)."""
         x = self.inject(s, e) if e is not None else s
-        for block in self.core:
-            x = self._block(block, x)
+        for i, block in enumerate(self.core):
+            x = self._block(block, x, None if kv_cache is None else kv_cache[i])
         if self.state_norm is not None:
             x = self.state_norm(x)
         return x
@@ -142,13 +147,13 @@ class LoopedLM(nn.Module):
             return checkpoint(self.core_step, s, e, use_reentrant=False)
         return self.core_step(s, e)
 
-    def decode(self, s: torch.Tensor) -> torch.Tensor:
-        """End state -> logits: coda blocks, final norm, head."""
+    def decode(self, s: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """End state -> logits: coda blocks, final norm, head. `kv_cache`: one per coda block."""
         x = s
         if self.cfg.pre_coda_norm:  # Huginn: the final norm's weights, applied before the coda too
             x = self.final_norm(x)
-        for block in self.coda:
-            x = self._block(block, x)
+        for i, block in enumerate(self.coda):
+            x = self._block(block, x, None if kv_cache is None else kv_cache[i])
         if self.final_norm is not None:
             x = self.final_norm(x)
         return self.lm_head(x)

@@ -1,0 +1,202 @@
+"""Generation with a KV cache across loops: exactness against recomputation, exit rules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stars_scale.config import ModelConfig
+from stars_scale.generate import GenerateOptions, generate, generate_many
+from stars_scale.generate.exit_rules import Contraction, StepView
+from stars_scale.model.looped import LoopedLM
+
+LAYOUTS = {
+    # the main job's layout: learned positions, prelude/core/coda, add injection, embed start
+    "arith": dict(positions="learned", norm="layernorm", n_prelude=1, n_core=1, n_coda=1,
+                  injection="add", init_state="embed"),
+    # Huginn-like: RoPE, GQA, swiglu/rmsnorm, concat-linear adapter, zero start, 2 core blocks
+    "huginn": dict(positions="rope", norm="rmsnorm", mlp="swiglu", kv_heads=2, n_prelude=1, n_core=2,
+                   n_coda=1, injection="concat-linear", init_state="zero", pre_coda_norm=True),
+    # Ouro-like: whole stack looped, peri norms, per-loop state norm
+    "ouro": dict(positions="rope", norm="rmsnorm", mlp="swiglu", norm_placement="peri", n_core=2,
+                 injection="none", init_state="embed", state_norm=True, final_norm=False),
+}
+
+
+def tiny_model(layout: str, seed: int = 0) -> LoopedLM:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=23, hidden=32, heads=4, mlp_hidden=64, max_seq_len=32,
+                      init_std=0.2, **LAYOUTS[layout])
+    return LoopedLM(cfg).eval()
+
+
+def prompts(B=3, P=5, seed=1):
+    return torch.randint(0, 23, (B, P), generator=torch.Generator().manual_seed(seed))
+
+
+def reference_greedy(model, ids, n_new, depth):
+    """The literal definition: recompute the whole sequence with forward() at depth r per token."""
+    seq = ids
+    for _ in range(n_new):
+        logits = model(seq, n_free=depth, n_grad=0).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("cache", ["full", "shared", "none"])
+def test_fixed_depth_generation_equals_forward_token_by_token(layout, cache):
+    model = tiny_model(layout)
+    ids = prompts()
+    depth = 5
+    # shared with k >= depth never reuses a slot: exact
+    res = generate(model, ids, max_new_tokens=8, depth=depth, cache=cache, cache_slots=depth)
+    ref = reference_greedy(model, ids, 8, depth)
+    assert torch.equal(res.tokens, ref)
+    assert res.loops.eq(depth).all()
+    # and the logits agree along the way: the cache changes nothing but the work done
+    with torch.no_grad():
+        full = model(res.tokens[:, :-1], n_free=depth, n_grad=0).logits
+    assert len(set(res.tokens[:, 5:].flatten().tolist())) > 1  # not a degenerate constant output
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cached_logits_match_uncached(layout):
+    """Prefill + one-token steps through the cache give forward()'s logits at every position."""
+    from stars_scale.generate.cache import LoopKVCache
+    from stars_scale.generate.exit_rules import Fixed
+    from stars_scale.generate.generator import run_loop
+
+    model = tiny_model(layout)
+    seq = prompts(B=2, P=12)
+    depth = 4
+    with torch.no_grad():
+        want = model(seq, n_free=depth, n_grad=0).logits
+        cache = LoopKVCache(model, 2, 12, max_depth=depth)
+        got = []
+        logits, _, loops = run_loop(model, seq[:, :4], 0, cache, Fixed(depth), depth)
+        cache.commit(4, loops)
+        got.append(logits)
+        for t in range(4, 12):
+            logits, _, loops = run_loop(model, seq[:, t:t + 1], cache.pos, cache, Fixed(depth), depth)
+            cache.commit(1, loops)
+            got.append(logits)
+    torch.testing.assert_close(torch.stack(got, 1), want[:, 3:], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_cache_with_fewer_slots_than_depth_is_an_approximation():
+    model = tiny_model("huginn")
+    ids = prompts()
+    full = generate(model, ids, max_new_tokens=6, depth=6, cache="full", temperature=0)
+    with torch.no_grad():
+        # k = 2 < depth: iteration i reads slot i mod 2; it runs and its memory is 2 slots
+        shared = generate(model, ids, max_new_tokens=6, depth=6, cache="shared", cache_slots=2)
+    assert shared.tokens.shape == full.tokens.shape
+    assert shared.loops.eq(6).all()
+
+
+def test_eos_stops_rows_and_loops_are_zero_after():
+    model = tiny_model("arith")
+    ids = prompts(B=4)
+    res = generate(model, ids, max_new_tokens=10, depth=3)
+    gen = res.tokens[0, 5:].tolist()
+    j = next(j for j in range(1, 10) if gen[j] not in gen[:j])  # first new token not seen before
+    eos = gen[j]  # make it the EOS: row 0 stops there
+    res = generate(model, ids, max_new_tokens=10, depth=3, eos_id=eos)
+    assert res.finished[0]
+    assert res.new_tokens(0) == gen[:j]
+    assert res.loops[0, j + 1:].eq(0).all() and res.loops[0, :j + 1].eq(3).all()
+    assert (res.tokens[0, 5 + j:] == eos).all()
+
+
+@pytest.mark.parametrize("rule,tol", [("delta", 1e-2), ("kl", 1e-4), ("contraction", 1e-2)])
+def test_exit_rules_stop_early_on_a_contractive_core(rule, tol):
+    """A core map scaled to contract: every rule stops well before max_depth, the fixed depth
+    at the reported loop count gives the same tokens, and more tolerance means fewer loops."""
+    model = tiny_model("huginn")
+    with torch.no_grad():  # make f contractive: shrink the adapter's state half
+        model.adapter.weight[:, :32] *= 0.1
+    ids = prompts()
+    res = generate(model, ids, max_new_tokens=6, exit=rule, tol=tol, max_depth=40)
+    assert res.loops.max() < 40 and res.loops.min() >= 1
+    loose = generate(model, ids, max_new_tokens=6, exit=rule, tol=tol * 100, max_depth=40)
+    assert loose.loops.float().mean() <= res.loops.float().mean()
+    deep = generate(model, ids, max_new_tokens=6, depth=40)
+    assert torch.equal(res.tokens, deep.tokens)  # converged: the answer of a deep loop
+
+
+def test_adaptive_exit_cached_equals_uncached_when_every_token_exits_at_the_same_depth():
+    model = tiny_model("arith")
+    ids = prompts(B=1)
+    a = generate(model, ids, max_new_tokens=6, exit="delta", tol=1e9, max_depth=8)  # stops at t=1
+    b = generate(model, ids, max_new_tokens=6, exit="delta", tol=1e9, max_depth=8, cache="none")
+    assert a.loops.eq(1).all() and torch.equal(a.tokens, b.tokens)
+
+
+def test_contraction_bound_uses_the_observed_ratio_and_rho():
+    """An affine contraction f(h) = A h + b (ρ(A) = 0.5): L̂ and ρ̂ find 0.5, and the rule stops
+    exactly when L/(1−L)·‖h_t − h_{t−1}‖ < tol·‖h_t‖, where the true error is below the bound."""
+    A = torch.diag(torch.tensor([0.5, 0.25]))
+    b = torch.tensor([1.0, 1.0])
+    f = lambda x: x @ A.T + b  # noqa: E731
+    h_star = torch.linalg.solve(torch.eye(2) - A, b)
+    rule = Contraction(tol=1e-3, rho_iters=2)
+    rule.reset(1)
+    h = torch.tensor([[9.0, -7.0]])
+    for t in range(1, 60):
+        hn = f(h)
+        out = rule.converged(StepView(t=t, h=hn, h_prev=h, decode=None, core_map=f, s=hn[:, None]))
+        d, hnorm = (hn - h).norm(), hn.norm()
+        if t >= 2:
+            L = float(rule.last_L)
+            assert bool(out) == bool(L / (1 - L) * d < 1e-3 * hnorm)
+        if t >= 4:  # the power iteration, reusing its direction, has found ρ(A)
+            assert abs(float(rule.last_L) - 0.5) < 0.01
+        h = hn
+        if out.all():
+            break
+    assert out.all() and 2 < t < 59 and rule.probe_evals == 2 * (t - 1)
+    assert (h - h_star).norm() <= 1e-3 * h.norm()  # the bound held
+
+
+def test_warm_start_runs_and_differs_from_cold_start_only_in_the_start_state():
+    model = tiny_model("arith")
+    ids = prompts()
+    cold = generate(model, ids, max_new_tokens=5, exit="delta", tol=1e-3, max_depth=12)
+    warm = generate(model, ids, max_new_tokens=5, exit="delta", tol=1e-3, max_depth=12, warm_start=True)
+    assert warm.tokens.shape == cold.tokens.shape
+    assert torch.equal(warm.loops[:, 0], cold.loops[:, 0])  # the prefill is the same
+    with pytest.raises(ValueError, match="warm_start needs a KV cache"):
+        generate(model, ids, max_new_tokens=2, depth=2, cache="none", warm_start=True)
+
+
+def test_generate_many_batches_by_length_and_matches_single_prompts():
+    model = tiny_model("huginn")
+    ps = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10, 11], [3, 3]]
+    opts = GenerateOptions(max_new_tokens=4, depth=3)
+    many = generate_many(model, ps, opts, batch_size=2)
+    for p, (toks, loops) in zip(ps, many):
+        one = generate(model, torch.tensor([p]), opts)
+        assert toks == one.new_tokens(0) and loops == [3] * len(toks)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = tiny_model("arith")
+    ids = prompts()
+    greedy = generate(model, ids, max_new_tokens=5, depth=2)
+    k1 = generate(model, ids, max_new_tokens=5, depth=2, temperature=1.0, top_k=1)
+    assert torch.equal(greedy.tokens, k1.tokens)
+    a = generate(model, ids, max_new_tokens=5, depth=2, temperature=1.5, seed=3)
+    b = generate(model, ids, max_new_tokens=5, depth=2, temperature=1.5, seed=3)
+    assert torch.equal(a.tokens, b.tokens)
+    p = generate(model, ids, max_new_tokens=5, depth=2, temperature=1.0, top_p=1e-6)
+    assert torch.equal(greedy.tokens, p.tokens)  # the smallest nucleus is the argmax
+
+
+def test_bad_options_are_named():
+    model = tiny_model("arith")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, prompts(P=30), max_new_tokens=10, depth=2)
+    with pytest.raises(ValueError, match="tolerance"):
+        generate(model, prompts(), max_new_tokens=2, exit="delta", tol=None)
+    with pytest.raises(ValueError, match="unknown exit rule"):
+        generate(model, prompts(), max_new_tokens=2, exit="bogus", tol=1.0)
