@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "stars-train=stars_scale.cli.train:main",
             "stars-eval=stars_scale.cli.eval:main",
+            "stars-generate=stars_scale.cli.generate:main",
             "stars-data=stars_scale.cli.data:main",
             "stars-convert=stars_scale.cli.convert:main",
             "stars-plan=stars_scale.cli.plan:main",

@@ -31,7 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=None, help="test samples (default: the config's eval.samples)")
     d.add_argument("--rho-iters", type=int, default=None, help="power iterations for rho (default: config)")
     d.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
+    add_exit_args(d)
     return p
+
+
+def add_exit_args(d: argparse.ArgumentParser) -> None:
+    """`depth --exit RULES --tol T`: greedy generation under per-token exit rules (arithmetic)."""
+    d.add_argument("--exit", default=None,
+                   help="comma-separated exit rules to evaluate next to the fixed depths: delta,kl,contraction "
+                        "(or all); reports accuracy and mean/p99 loops per generated token")
+    d.add_argument("--tol", default=None, help="tolerance for every rule, or RULE=T,... (repeat a rule to sweep)")
+    d.add_argument("--max-depth", type=int, default=None, help="most loops per token (default: max of --depths)")
+    d.add_argument("--exit-rho-iters", type=int, default=0, help="contraction: power-iteration steps for rho-hat")
+    d.add_argument("--cache", default="full", choices=("full", "shared"), help="KV cache scheme for --exit")
+    d.add_argument("--cache-slots", type=int, default=4, help="shared cache slots")
+    d.add_argument("--warm-start", action="store_true", help="continuous-depth warm start under --exit")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,17 +83,59 @@ def main(argv: list[str] | None = None) -> int:
         results["step"] = state.get("step")
         results["checkpoint"] = str(path)
         out = Path(args.out) if args.out else path.parent.parent / f"eval_{path.name}"
-        jpath, ppath = write_depth_scaling(results, out, title=f"{path.parent.parent.name} @ {path.name}")
+        title = f"{path.parent.parent.name} @ {path.name}"
+        extra = _exit_rules(args, cfg, model, batch, has_acc, results, out, title) if args.exit else []
+        jpath, ppath = write_depth_scaling(results, out, title=title)
         run_id = state.get("mlflow_run_id")
         if run_id and cfg.tracking.mlflow and not args.no_mlflow:
-            _log_to_run(cfg, run_id, results, jpath, ppath)
-        print(json.dumps({k: results[k] for k in ("depths", "accuracy", "loss", "rho", "delta_h")}))
+            _log_to_run(cfg, run_id, results, jpath, ppath, extra)
+        keys = ("depths", "accuracy", "loss", "rho", "delta_h", "exit_rules")
+        print(json.dumps({k: results[k] for k in keys if k in results}))
         return 0
 
     return run_cli(body)
 
 
-def _log_to_run(cfg, run_id: str, results: dict, jpath: Path, ppath: Path) -> None:
+def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path, title: str) -> list[Path]:
+    """Evaluate --exit rules; adds results["exit_rules"] and writes test_time.{png,md}."""
+    import torch
+
+    from stars_scale.data.arithmetic import EOS
+    from stars_scale.data.sources import build_task
+    from stars_scale.errors import UserError
+    from stars_scale.eval.test_time import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
+    from stars_scale.generate.exit_rules import RULES
+    from stars_scale.utils import atomic_write_text
+
+    if not has_acc or cfg.data.kind != "arithmetic":
+        raise UserError("--exit: needs a model trained on the arithmetic task (exact-match answers); "
+                        "for text benchmarks use `stars-eval lm --exit`")
+    rules = [r for r in RULES if r != "fixed"] if args.exit == "all" else [r.strip() for r in args.exit.split(",")]
+    for r in rules:
+        if r not in RULES or r == "fixed":
+            raise UserError(f"--exit: unknown rule {r!r} (expected delta, kl, contraction or all)")
+    if args.tol is None:
+        raise UserError("--exit: needs --tol")
+    settings = parse_tols(args.tol, rules)
+    max_depth = args.max_depth or max(results["depths"])
+    if max_depth < 1 or args.cache_slots < 1 or args.exit_rho_iters < 0:
+        raise UserError("--max-depth and --cache-slots must be >= 1, --exit-rho-iters >= 0")
+    with torch.no_grad():
+        rows = exit_rule_eval(model, batch, build_task(cfg).prompt_len, settings, max_depth=max_depth, eos_id=EOS,
+                              cache=args.cache, cache_slots=args.cache_slots, rho_iters=args.exit_rho_iters,
+                              warm_start=args.warm_start, batch_size=cfg.eval.batch_size)
+    results["exit_rules"] = rows
+    results["exit_max_depth"] = max_depth
+    out.mkdir(parents=True, exist_ok=True)
+    png, md = out / "test_time.png", out / "test_time.md"
+    plot_accuracy_vs_loops(results, rows, png, title)
+    table = format_table(results, rows)
+    atomic_write_text(md, table + "\n")
+    print(table, file=sys.stderr)
+    return [png, md]
+
+
+def _log_to_run(cfg, run_id: str, results: dict, jpath: Path, ppath: Path, extra: list[Path] = ()) -> None:
     import warnings
 
     try:
@@ -95,8 +151,12 @@ def _log_to_run(cfg, run_id: str, results: dict, jpath: Path, ppath: Path) -> No
         if results["accuracy"] is not None:
             m["eval_accuracy"] = results["accuracy"][i]
         tracker.log_metrics(m, step=d)
-    tracker.log_artifact(jpath, "eval")
-    tracker.log_artifact(ppath, "eval")
+    for row in results.get("exit_rules", []):
+        name = f"exit_{row['rule']}_{row['tol']:g}"
+        tracker.log_metrics({f"{name}_accuracy": row["accuracy"], f"{name}_mean_loops": row["mean_loops"],
+                             f"{name}_p99_loops": row["p99_loops"]}, step=results["exit_max_depth"])
+    for p in (jpath, ppath, *extra):
+        tracker.log_artifact(p, "eval")
     tracker.close(status="FINISHED")
 
 

@@ -1,0 +1,135 @@
+"""`stars-generate`: text in, text out, at a fixed or adaptive loop depth.
+
+    stars-generate --checkpoint RUN --prompt '123+456=' --depth 8
+    stars-generate --checkpoint DIR --prompts prompts.txt --exit contraction --tol 1e-3 --max-depth 32
+
+One prompt per line in --prompts FILE. Prints each completion (one line per prompt; with --json
+one JSON object per prompt with the loops each token used).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from stars_scale.cli.common import run_cli
+
+
+def add_generation_args(p: argparse.ArgumentParser, depth_required: bool = False) -> None:
+    """Depth / exit-rule / cache options shared by stars-generate and stars-eval."""
+    from stars_scale.generate.exit_rules import RULES
+
+    p.add_argument("--depth", type=int, default=None, help="fixed loop depth (default: the model's eval depth)")
+    p.add_argument("--exit", default=None, choices=RULES, help="per-token exit rule (with --tol)")
+    p.add_argument("--tol", type=float, default=None, help="exit-rule tolerance")
+    p.add_argument("--max-depth", type=int, default=64, help="most loops per token under an exit rule")
+    p.add_argument("--rho-iters", type=int, default=0,
+                   help="contraction: power-iteration steps for rho-hat per loop (0: observed ratio only)")
+    p.add_argument("--cache", default="full", choices=("full", "shared", "none"), help="KV cache scheme")
+    p.add_argument("--cache-slots", type=int, default=4, help="shared cache: slots k (iteration i uses i mod k)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="continuous depth: start each token's loop from the previous token's final state")
+
+
+def options_from_args(args, run, max_new_tokens: int, eos_id, *, temperature=0.0, top_k=None, top_p=None,
+                      seed=0):
+    from stars_scale.errors import UserError
+    from stars_scale.generate import GenerateOptions
+    from stars_scale.generate.load import default_depth
+
+    if args.exit not in (None, "fixed") and args.depth is not None:
+        raise UserError("--depth and --exit are exclusive (an exit rule stops at --max-depth at most)")
+    if args.exit not in (None, "fixed") and args.tol is None:
+        raise UserError(f"--exit {args.exit}: needs --tol")
+    depth = args.depth if args.depth is not None else default_depth(run)
+    opts = GenerateOptions(max_new_tokens=max_new_tokens, depth=depth, exit=args.exit or "fixed", tol=args.tol,
+                           max_depth=args.max_depth, rho_iters=args.rho_iters, cache=args.cache,
+                           cache_slots=args.cache_slots, warm_start=args.warm_start, temperature=temperature,
+                           top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)
+    try:
+        opts.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if opts.exit != "fixed" and not opts.tol > 0:
+        raise UserError(f"--tol: must be > 0, got {opts.tol}")
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stars-generate", description="Generate text with a looped LM.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or converted dir")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="a file with one prompt per line")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: up to the model's max_seq_len (arithmetic: the answer's length)")
+    add_generation_args(p)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: next to the weights or the data)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt, with loops per token")
+    return p
+
+
+def _read_prompts(args) -> list[str]:
+    from stars_scale.errors import UserError
+
+    if args.prompt is not None:
+        return [args.prompt]
+    path = Path(args.prompts)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--prompts {path}: cannot read ({e})") from None
+    prompts = [ln for ln in lines if ln.strip()]
+    if not prompts:
+        raise UserError(f"--prompts {path}: no prompts (expected one per line)")
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        import torch
+
+        from stars_scale.errors import UserError
+        from stars_scale.generate import generate_many
+        from stars_scale.generate.load import load_codec, load_model
+
+        prompts = _read_prompts(args)
+        run, model, wdir = load_model(args.checkpoint)
+        codec = load_codec(run, wdir, args.tokenizer)
+        ids = [codec.encode(p) for p in prompts]
+        for p, t in zip(prompts, ids):
+            if not t:
+                raise UserError(f"prompt {p!r}: encodes to no tokens")
+        longest = max(len(t) for t in ids)
+        room = run.model.max_seq_len - longest + 1
+        n_new = args.max_new_tokens if args.max_new_tokens is not None else room
+        if n_new < 1 or n_new > room:
+            raise UserError(f"--max-new-tokens: {n_new} does not fit: the longest prompt has {longest} tokens "
+                            f"and model.max_seq_len is {run.model.max_seq_len} (at most {room})")
+        opts = options_from_args(args, run, n_new, codec.eos_id, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size: must be >= 1, got {args.batch_size}")
+        with torch.no_grad():
+            outs = generate_many(model, ids, opts, batch_size=args.batch_size)
+        for p, (toks, loops) in zip(prompts, outs):
+            text = codec.decode(toks)
+            if args.json:
+                print(json.dumps({"prompt": p, "completion": text, "tokens": toks, "loops": loops}))
+            else:
+                print(text)
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
