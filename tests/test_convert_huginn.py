@@ -239,3 +239,94 @@ def test_export_writes_model_card_with_depth_scaling(tmp_path):
     assert "| 16 | 0.75 | 1.9 | – | 0.01 |" in card
     assert "dist: poisson-lognormal" in card  # the training config, as YAML
     assert json.loads((tmp_path / "hf" / "depth_scaling.json").read_text()) == scaling
+
+
+# ---------------------------------------------------------------- upstream loading, generation
+
+
+class RavenConfigStandIn:
+    """How upstream `RavenConfig(**config_json)` binds keys (seal-rg/recurrent-pretraining
+    recpre/raven_config_minimal.py, for transformers 4.x): named parameters, derived attributes
+    set in __init__, then `PretrainedConfig.__init__(tie_word_embeddings=tie_embeddings, **kwargs)`
+    which sets every remaining key as an attribute."""
+
+    PARAMS = ("n_embd", "n_heads", "n_layers", "block_size", "vocab_size", "padding_multiple", "tie_embeddings",
+              "intermediate_size", "bias", "architecture_class_name", "block_class_name", "norm_class_name",
+              "norm_eps", "mlp_class_name", "nonlin_name", "init_strategy", "init_orthogonal", "state_init",
+              "injection_type", "n_layers_in_recurrent_block", "mean_recurrence", "sampling_scheme",
+              "mean_backprop_depth", "n_layers_in_prelude", "n_layers_in_coda", "qk_bias",
+              "activation_checkpoint_impl", "rope_base", "torch_dtype", "transformers_version")
+
+    def __init__(self, **cfg):
+        named = {k: cfg.pop(k) for k in self.PARAMS if k in cfg}
+        for k, v in named.items():
+            setattr(self, k, v)
+        self.padded_vocab_size = named["vocab_size"]
+        self._pretrained_init(tie_word_embeddings=named.get("tie_embeddings", True), **cfg)
+
+    def _pretrained_init(self, tie_word_embeddings, **kwargs):  # the duplicate key raises here
+        self.tie_word_embeddings = tie_word_embeddings
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_huginn_export_config_binds_like_raven_config(tmp_path, tie):
+    src = write_raven(tmp_path / "raven", raven_weights(tie=tie), raven_config(tie=tie))
+    import_checkpoint("huginn", src, tmp_path / "ckpt")
+    export_checkpoint(tmp_path / "ckpt", "huginn", tmp_path / "hf")
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert "tie_word_embeddings" not in exported  # RavenConfig passes it itself
+    with pytest.raises(TypeError, match="multiple values"):  # what the old export did
+        RavenConfigStandIn(**{**exported, "tie_word_embeddings": tie})
+    rc = RavenConfigStandIn(**exported)
+    assert rc.tie_word_embeddings is tie and rc.padded_vocab_size == VOCAB == rc.vocab_size
+    assert rc.padding_multiple == 64 and VOCAB % rc.padding_multiple == 0  # not a hard-coded 4096
+    assert (rc.n_embd, rc.n_heads, rc.num_key_value_heads, rc.head_dim) == (H, HEADS, HEADS, H // HEADS)
+    assert rc.init_values["embed_scale"] == pytest.approx(math.sqrt(H))
+
+
+def test_huginn_import_checks_the_stored_freqs_cis(tmp_path):
+    w = raven_weights()
+    w["freqs_cis"] = raven_freqs_cis(H // HEADS, T_MAX, 10000.0)  # another RoPE base than config.json
+    src = write_raven(tmp_path / "a", w, raven_config())
+    with pytest.raises(Exception, match=r"freqs_cis .*rope_base=50000.*max \|d\| = "):
+        import_checkpoint("huginn", src, tmp_path / "ca")
+    w["freqs_cis"] = raven_freqs_cis(H // HEADS, T_MAX, 50000.0) + 1e-4  # device-level noise: warn
+    src = write_raven(tmp_path / "b", w, raven_config())
+    with pytest.warns(UserWarning, match=r"max \|d\| = 0.0001"):
+        import_checkpoint("huginn", src, tmp_path / "cb")
+    w["freqs_cis"] = raven_freqs_cis(H // HEADS, T_MAX, 50000.0).to(torch.bfloat16)  # rounding only: silent
+    src = write_raven(tmp_path / "c", w, raven_config())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_checkpoint("huginn", src, tmp_path / "cc")
+
+
+def test_exported_huginn_greedy_tokens_match_raven_reference(tmp_path):
+    """Our generator (KV cache across loops) on the re-imported export == raven's forward
+    recomputed on the exported tensors, token by token (fixed initial state, as raven at eval)."""
+    from stars_scale.generate import generate
+
+    src = write_raven(tmp_path / "raven", raven_weights(seed=5), raven_config())
+    import_checkpoint("huginn", src, tmp_path / "a")
+    export_checkpoint(tmp_path / "a", "huginn", tmp_path / "hf")
+    import_checkpoint("huginn", tmp_path / "hf", tmp_path / "b")
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    cfg, sd = load_converted(tmp_path / "b")
+    model = LoopedLM(cfg)
+    model.load_state_dict(sd)
+    model.init_state = lambda e, generator=None: torch.zeros_like(e)  # raven's x0, fixed to zero here
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    depth, n_new = 3, 10
+    seq = ids
+    with torch.no_grad():
+        for _ in range(n_new):
+            x0 = torch.zeros(seq.shape[0], seq.shape[1], H)
+            nxt = raven_forward(w, seq, x0, depth)[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    res = generate(model, ids, max_new_tokens=n_new, depth=depth)
+    assert len(set(seq[:, 6:].flatten().tolist())) > 2
+    assert torch.equal(res.tokens, seq)

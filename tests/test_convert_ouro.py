@@ -147,3 +147,46 @@ def test_ouro_export_import_is_bit_exact(tmp_path):
     run_b, sd_b = load_converted_run(tmp_path / "b")
     assert run_a.model == run_b.model and run_a.depth == run_b.depth
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+
+
+class OuroConfigStandIn:
+    """How upstream `OuroConfig(**config_json)` binds keys (modeling/configuration_ouro.py):
+    named parameters, then PretrainedConfig(tie_word_embeddings=..., **kwargs)."""
+
+    PARAMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+              "use_cache", "tie_word_embeddings", "rope_theta", "rope_scaling", "use_sliding_window",
+              "sliding_window", "max_window_layers", "layer_types", "attention_dropout", "total_ut_steps",
+              "early_exit_threshold")
+
+    def __init__(self, **cfg):
+        for k in self.PARAMS:
+            if k in cfg:
+                setattr(self, k, cfg.pop(k))
+        for k, v in cfg.items():  # PretrainedConfig's **kwargs
+            setattr(self, k, v)
+
+
+def test_exported_ouro_config_binds_and_greedy_tokens_match_reference(tmp_path):
+    from stars_scale.generate import generate
+
+    w = ouro_weights(seed=4)
+    import_checkpoint("ouro", write_ouro(tmp_path / "ouro", w, ouro_config()), tmp_path / "a")
+    export_checkpoint(tmp_path / "a", "ouro", tmp_path / "hf")
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    oc = OuroConfigStandIn(**exported)
+    assert (oc.hidden_size, oc.num_key_value_heads, oc.total_ut_steps, oc.early_exit_threshold) == (H, KV, STEPS, 1.0)
+    assert oc.layer_types == ["full_attention"] * LAYERS and oc.use_sliding_window is False
+    import_checkpoint("ouro", tmp_path / "hf", tmp_path / "b")
+    cfg, sd = load_converted(tmp_path / "b")
+    model = LoopedLM(cfg)
+    model.load_state_dict(sd)
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, ouro_forward(w, seq, STEPS)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    res = generate(model, ids, max_new_tokens=8, depth=STEPS)
+    assert len(set(seq[:, 5:].flatten().tolist())) > 2
+    assert torch.equal(res.tokens, seq)

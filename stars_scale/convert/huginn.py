@@ -170,7 +170,8 @@ def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
         src.skip("lm_head.weight")  # raven ties it to wte on load
     else:
         sd["lm_head.weight"] = src.get("lm_head.weight", (V, h), "tie_embeddings=false")
-    src.skip("freqs_cis")  # persistent but derived from rope_base and block_size
+    if src.has("freqs_cis"):  # persistent but derived from rope_base and block_size: check it
+        check_freqs_cis(src, hd, model.max_seq_len, model.rope_base)
     src.require_all_used("huginn_raven")
     notes = {"sampling_scheme": src.config.get("sampling_scheme"),
              "rope": "interleaved in the source; q/k rows permuted to rotate-half"}
@@ -192,6 +193,37 @@ def raven_freqs_cis(head_dim: int, block_size: int, base: float) -> torch.Tensor
     t = torch.arange(block_size, dtype=torch.float32)
     freqs = torch.outer(t, inv).float()
     return torch.stack([torch.cos(freqs)[None, :, None, :], torch.sin(freqs)[None, :, None, :]], dim=4)
+
+
+FREQS_REFUSE = 1e-3  # beyond this the stored table is another RoPE (base, length or layout)
+
+
+def check_freqs_cis(src: HFDir, head_dim: int, block_size: int, base: float) -> None:
+    """Compare the stored `freqs_cis` with the table recomputed from config.json.
+
+    Within 2 ulp of the stored dtype (+1e-5 for cos/sin computed on another device): silent.
+    Up to FREQS_REFUSE (or the dtype's rounding, if larger): a warning with the numbers (the model runs on the recomputed table).
+    Beyond, or another shape: a UserError, since the checkpoint was trained with other positions.
+    """
+    import warnings
+
+    want = raven_freqs_cis(head_dim, block_size, base)
+    shape = src.shape("freqs_cis")
+    if tuple(shape) != tuple(want.shape):
+        raise UserError(f"{src.path}: freqs_cis has shape {list(shape)}, but block_size={block_size} and "
+                        f"head_dim={head_dim} give {list(want.shape)}")
+    stored = src.get("freqs_cis")
+    diff = (stored.float() - want).abs()
+    worst = float(diff.max())
+    pos = int(diff.amax(dim=(0, 2, 3, 4)).argmax())
+    tol = 2 * torch.finfo(stored.dtype).eps + 1e-5 if stored.is_floating_point() else 0.0
+    what = (f"{src.path}: stored freqs_cis ({str(stored.dtype).replace('torch.', '')}) differs from the table "
+            f"recomputed from rope_base={base:g}, block_size={block_size} by max |d| = {worst:.3g} "
+            f"(at position {pos}; rounding of the dtype allows {tol:.3g})")
+    if worst > max(tol, FREQS_REFUSE):
+        raise UserError(what + "; the checkpoint uses other rotary positions than its config.json says")
+    if worst > tol:
+        warnings.warn(what + "; using the recomputed table", stacklevel=2)
 
 
 def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -238,8 +270,11 @@ def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, di
         "architectures": [ARCH], "model_type": MODEL_TYPE,
         "n_embd": h, "n_heads": H, "num_key_value_heads": kv, "head_dim": hd, "n_layers": n_layers,
         "block_size": m.max_seq_len, "vocab_size": m.vocab_size, "padded_vocab_size": m.vocab_size,
-        "padding_multiple": 4096, "tie_embeddings": m.tie_embeddings,
-        "tie_word_embeddings": m.tie_embeddings, "intermediate_size": int(inter), "bias": False,
+        # RavenConfig passes tie_word_embeddings=tie_embeddings itself: writing it too is a
+        # TypeError (multiple values) in RavenConfig.__init__. The vocabulary is not padded, so
+        # the padding multiple is what vocab_size is a multiple of (capped at raven's 4096).
+        "padding_multiple": math.gcd(m.vocab_size, 4096), "tie_embeddings": m.tie_embeddings,
+        "intermediate_size": int(inter), "bias": False,
         "architecture_class_name": "RecurrentGPT", **FIXED, "norm_eps": m.norm_eps,
         "init_strategy": "takase", "init_orthogonal": False, "state_init": "like-init",
         "n_layers_in_recurrent_block": m.n_core, "mean_recurrence": mean_rec,

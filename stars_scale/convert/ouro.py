@@ -118,7 +118,8 @@ def export_ouro(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict
         "vocab_size": m.vocab_size, "max_position_embeddings": m.max_seq_len,
         "rope_theta": m.rope_base, "rms_norm_eps": m.norm_eps,
         "tie_word_embeddings": m.tie_embeddings, "hidden_act": "silu", "total_ut_steps": steps,
-        "attention_dropout": 0.0, "use_sliding_window": False,
+        "attention_dropout": 0.0, "use_sliding_window": False, "max_window_layers": m.n_core,
+        "early_exit_threshold": 1.0, "use_cache": True, "rope_scaling": None,
         "layer_types": ["full_attention"] * m.n_core, "initializer_range": m.init_std,
         "torch_dtype": str(sd["embed.weight"].dtype).replace("torch.", ""),
     }
