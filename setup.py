@@ -30,7 +30,9 @@ setup(
         "cpu": ["torch==2.13.0"],
         # flash-attn ships as an sdist that needs CUDA and a CUDA torch to build.
         "flash": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45"],
+        # lm-evaluation-harness for `stars-eval lm` (pinned: the StarsLM adapter follows its LM API)
+        "eval": ["lm-eval==0.4.13"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "lm-eval==0.4.13"],
     },
     entry_points={
         "console_scripts": [

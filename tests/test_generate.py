@@ -200,3 +200,16 @@ def test_bad_options_are_named():
         generate(model, prompts(), max_new_tokens=2, exit="delta", tol=None)
     with pytest.raises(ValueError, match="unknown exit rule"):
         generate(model, prompts(), max_new_tokens=2, exit="bogus", tol=1.0)
+
+
+@pytest.mark.parametrize("cache", ["full", "none"])
+def test_forced_scoring_equals_forward_log_probs(cache):
+    model = tiny_model("huginn")
+    seq = prompts(B=2, P=9)
+    res = generate(model, seq[:, :4], depth=3, forced=seq[:, 4:], cache=cache)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq[:, :-1], n_free=3, n_grad=0).logits.float(), -1)
+    want = logp[:, 3:].gather(2, seq[:, 4:, None])[..., 0]
+    torch.testing.assert_close(res.logprobs, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(res.greedy, logp[:, 3:].argmax(-1) == seq[:, 4:])
+    assert torch.equal(res.tokens, seq)

@@ -32,7 +32,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rho-iters", type=int, default=None, help="power iterations for rho (default: config)")
     d.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
     add_exit_args(d)
+    add_lm_parser(sub)
     return p
+
+
+def add_lm_parser(sub) -> None:
+    lm = sub.add_parser("lm", help="lm-evaluation-harness tasks against loop depth (needs the eval extra)")
+    lm.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or converted dir")
+    lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    lm.add_argument("--depths", default="4,8,16,32", help="fixed depths (with --exit: the max depth of each run)")
+    lm.add_argument("--exit", default=None, choices=("delta", "kl", "contraction"), help="per-token exit rule")
+    lm.add_argument("--tol", type=float, default=None, help="exit-rule tolerance")
+    lm.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction < 1)")
+    lm.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local datasets)")
+    lm.add_argument("--num-fewshot", type=int, default=None)
+    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--cache", default="full", choices=("full", "shared"), help="KV cache scheme for generation")
+    lm.add_argument("--cache-slots", type=int, default=4)
+    lm.add_argument("--tokenizer", default=None, help="tokenizer.json (default: next to the weights or the data)")
+    lm.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>, or <dir>/eval)")
+    lm.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
 
 
 def add_exit_args(d: argparse.ArgumentParser) -> None:
@@ -52,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
+        if args.command == "lm":
+            return _lm(args)
         import torch
 
         from stars_scale.config import load_config
@@ -94,6 +115,72 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return run_cli(body)
+
+
+def _lm(args) -> int:
+    """`stars-eval lm`: lm-eval once per depth -> lm_depth_scaling.json + .png (+ MLflow)."""
+    from stars_scale.errors import UserError
+    from stars_scale.generate.load import load_codec, load_model
+    from stars_scale.utils import atomic_write_json
+
+    from stars_scale.eval.lm_harness import lm_depth_scaling, plot_lm_depth_scaling  # UserError if missing
+
+    depths = parse_depths(args.depths)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UserError("--tasks: expected comma-separated lm-eval task names")
+    if args.exit and args.tol is None:
+        raise UserError(f"--exit {args.exit}: needs --tol")
+    if args.limit is not None and not args.limit > 0:
+        raise UserError(f"--limit: must be > 0, got {args.limit}")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise UserError(f"--include-path {args.include_path}: not a directory")
+    run, model, wdir = load_model(args.checkpoint)
+    codec = load_codec(run, wdir, args.tokenizer)
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    try:
+        table = lm_depth_scaling(model, run, codec, tasks, depths, exit=args.exit, tol=args.tol, limit=limit,
+                                 include_path=args.include_path, batch_size=args.batch_size, cache=args.cache,
+                                 cache_slots=args.cache_slots, num_fewshot=args.num_fewshot, seed=run.seed)
+    except KeyError as e:  # lm-eval: an unknown task name
+        raise UserError(f"--tasks: lm-eval does not know {e} (add its YAML directory with --include-path)") from None
+    table["checkpoint"] = str(wdir)
+    is_training_ckpt = (wdir / "model.pt").is_file()
+    out = Path(args.out) if args.out else (wdir.parent.parent / f"eval_{wdir.name}" if is_training_ckpt
+                                           else wdir / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    jpath, ppath = out / "lm_depth_scaling.json", out / "lm_depth_scaling.png"
+    atomic_write_json(jpath, table)
+    plot_lm_depth_scaling(table, ppath, title=f"{wdir.name}: lm-eval against depth")
+    run_id = None
+    if is_training_ckpt:
+        from stars_scale.train import checkpoint as ckpt
+
+        run_id = ckpt.load_state(wdir).get("mlflow_run_id")
+    if run_id and run.tracking.mlflow and not args.no_mlflow:
+        _log_lm_to_run(run, run_id, table, [jpath, ppath])
+    print(json.dumps({k: table[k] for k in ("depths", "exit", "tasks", "mean_loops")}))
+    return 0
+
+
+def _log_lm_to_run(cfg, run_id: str, table: dict, files: list[Path]) -> None:
+    import warnings
+
+    try:
+        from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
+
+        tracker = MlflowTracker(default_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment,
+                                run_id=run_id)
+    except Exception as e:
+        warnings.warn(f"MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk")
+        return
+    for i, d in enumerate(table["depths"]):
+        m = {f"lm_{task}_{e['metric']}": e["scores"][i] for task, e in table["tasks"].items()}
+        m["lm_mean_loops"] = table["mean_loops"][i]
+        tracker.log_metrics(m, step=d)
+    for p in files:
+        tracker.log_artifact(p, "eval")
+    tracker.close(status="FINISHED")
 
 
 def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path, title: str) -> list[Path]:

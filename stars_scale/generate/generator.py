@@ -37,6 +37,8 @@ class GenerationResult:
     finished: torch.Tensor  # [B] bool: the row emitted EOS
     probe_evals: int = 0  # extra coda/core evaluations the exit rule made (kl, contraction ρ̂)
     eos_id: Optional[int] = None
+    logprobs: Optional[torch.Tensor] = None  # [B, n] log p of each emitted token (always float32)
+    greedy: Optional[torch.Tensor] = None  # [B, n] bool: the token was the argmax
 
     def new_tokens(self, row: int, keep_eos: bool = False) -> list[int]:
         out = self.tokens[row, self.prompt_len:].tolist()
@@ -159,9 +161,15 @@ def run_loop(model, ids: torch.Tensor, offset: int, cache: Optional[LoopKVCache]
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, opts: Optional[GenerateOptions] = None, **kw) -> GenerationResult:
-    """Generate up to `max_new_tokens` for every row of `input_ids` [B, P]; see the module doc."""
+def generate(model, input_ids: torch.Tensor, opts: Optional[GenerateOptions] = None,
+             forced: Optional[torch.Tensor] = None, **kw) -> GenerationResult:
+    """Generate up to `max_new_tokens` for every row of `input_ids` [B, P]; see the module doc.
+
+    `forced` [B, n] (scoring): emit these tokens instead of sampling, under the same depth or
+    exit rule; the result's `logprobs` and `greedy` then score them (EOS does not stop a row)."""
     opts = opts or GenerateOptions(**kw)
+    if forced is not None:
+        opts = GenerateOptions(**{**opts.__dict__, "max_new_tokens": forced.shape[1], "eos_id": None})
     opts.validate()
     rule, max_depth = opts.rule()
     B, P = input_ids.shape
@@ -187,9 +195,14 @@ def generate(model, input_ids: torch.Tensor, opts: Optional[GenerateOptions] = N
         if cache is not None:
             cache.commit(P, loops)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        new, used = [], []
+        new, used, logps, greedy = [], [], [], []
         for n in range(opts.max_new_tokens):
-            tok = sample(logits, opts.temperature, opts.top_k, opts.top_p, sample_gen)
+            if forced is None:
+                tok = sample(logits, opts.temperature, opts.top_k, opts.top_p, sample_gen)
+            else:
+                tok = forced[:, n].to(device)
+            logps.append(torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0])
+            greedy.append(logits.argmax(-1) == tok)
             if opts.eos_id is not None:
                 tok = torch.where(finished, torch.full_like(tok, opts.eos_id), tok)
             used.append(torch.where(finished, torch.zeros_like(loops), loops))
@@ -211,7 +224,7 @@ def generate(model, input_ids: torch.Tensor, opts: Optional[GenerateOptions] = N
         model.train(was_training)
     return GenerationResult(tokens=torch.cat([ids, torch.stack(new, 1)], dim=1), prompt_len=P,
                             loops=torch.stack(used, 1), finished=finished, probe_evals=probe,
-                            eos_id=opts.eos_id)
+                            eos_id=opts.eos_id, logprobs=torch.stack(logps, 1), greedy=torch.stack(greedy, 1))
 
 
 def generate_many(model, prompts: Sequence[Sequence[int]], opts: GenerateOptions, batch_size: int = 64
