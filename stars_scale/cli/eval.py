@@ -164,15 +164,8 @@ def _lm(args) -> int:
 
 
 def _log_lm_to_run(cfg, run_id: str, table: dict, files: list[Path]) -> None:
-    import warnings
-
-    try:
-        from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
-
-        tracker = MlflowTracker(default_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment,
-                                run_id=run_id)
-    except Exception as e:
-        warnings.warn(f"MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk")
+    tracker = _run_tracker(cfg, run_id)
+    if tracker is None:
         return
     for i, d in enumerate(table["depths"]):
         m = {f"lm_{task}_{e['metric']}": e["scores"][i] for task, e in table["tasks"].items()}
@@ -222,16 +215,23 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     return [png, md]
 
 
-def _log_to_run(cfg, run_id: str, results: dict, jpath: Path, ppath: Path, extra: list[Path] = ()) -> None:
+def _run_tracker(cfg, run_id: str):
+    """The checkpoint's MLflow run, or None (with a warning) when it cannot be reached."""
     import warnings
 
     try:
         from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
 
-        tracker = MlflowTracker(default_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment,
-                                run_id=run_id)
+        return MlflowTracker(default_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment,
+                             run_id=run_id)
     except Exception as e:
         warnings.warn(f"MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk")
+        return None
+
+
+def _log_to_run(cfg, run_id: str, results: dict, jpath: Path, ppath: Path, extra: list[Path] = ()) -> None:
+    tracker = _run_tracker(cfg, run_id)
+    if tracker is None:
         return
     for i, d in enumerate(results["depths"]):
         m = {"eval_loss": results["loss"][i], "eval_rho": results["rho"][i], "eval_delta_h": results["delta_h"][i]}

@@ -226,18 +226,11 @@ def plot_lm_depth_scaling(table: dict, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stars_scale.utils import atomic_write
+    from stars_scale.eval.test_time import save_log2_plot
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for task, entry in sorted(table["tasks"].items()):
         ax.plot(table["depths"], entry["scores"], marker="o", label=f"{task} ({entry['metric']})")
-    ax.set_xscale("log", base=2)
     ax.set_xlabel("max loop depth (exit: " + table["exit"] + ")" if table["exit"] else "loop depth r")
     ax.set_ylabel("score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    save_log2_plot(fig, ax, path, title)

@@ -106,9 +106,16 @@ def plot_accuracy_vs_loops(fixed: dict, rules: list[dict], path: Path, title: st
         for r in rows:
             ax.annotate(f"{r['tol']:g}", (r["mean_loops"], 100 * r["accuracy"]), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")
-    ax.set_xscale("log", base=2)
     ax.set_xlabel("loops per generated token (fixed r, or the rule's mean)")
     ax.set_ylabel("exact match (%)")
+    save_log2_plot(fig, ax, path, title)
+
+
+def save_log2_plot(fig, ax, path: Path, title: str = "") -> None:
+    """Shared finish of the test-time plots: log2 x axis, grid, legend, title, atomic PNG write."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
