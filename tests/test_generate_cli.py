@@ -61,16 +61,25 @@ def test_generate_cli_arithmetic_prompts_json_and_errors(tmp_path):
               "--depth", "2", "--max-new-tokens", "3", cwd=tmp_path)
     assert res.returncode == 0 and len(res.stdout.splitlines()) == 1, res.stderr
 
+
+
+def test_generate_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from stars_scale.cli.generate import main
+
+    write_run(tmp_path / "run", arith_run())
+    monkeypatch.chdir(tmp_path)
     for args, msg in [
         (["--prompt", "12*3="], "not in the arithmetic vocabulary"),
         (["--prompt", "1+1=", "--exit", "kl"], "--exit kl: needs --tol"),
+        (["--prompt", "1+1=", "--depth", "2", "--exit", "delta", "--tol", "1"], "exclusive"),
         (["--prompt", "1+1=", "--max-new-tokens", "40"], "--max-new-tokens: 40 does not fit"),
         (["--prompts", "nope.txt"], "--prompts nope.txt: cannot read"),
     ]:
-        res = cli("stars_scale.cli.generate", "--checkpoint", "run", *args, cwd=tmp_path)
-        assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
-    res = cli("stars_scale.cli.generate", "--checkpoint", "missing", "--prompt", "1+1=", cwd=tmp_path)
-    assert res.returncode == 2 and "missing" in res.stderr
+        assert main(["--checkpoint", "run", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, (args, err)
+    assert main(["--checkpoint", "missing", "--prompt", "1+1="]) == 2
+    assert "missing" in capsys.readouterr().err
 
 
 def test_eval_depth_exit_rules_table_plot_and_json(tmp_path):
