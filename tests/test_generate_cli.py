@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from stars_scale.config import RunConfig, ModelConfig, DataConfig, save_config
