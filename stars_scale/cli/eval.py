@@ -52,6 +52,7 @@ def add_lm_parser(sub) -> None:
     lm.add_argument("--tokenizer", default=None, help="tokenizer.json (default: next to the weights or the data)")
     lm.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>, or <dir>/eval)")
     lm.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
+    lm.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def add_exit_args(d: argparse.ArgumentParser) -> None:
@@ -135,7 +136,9 @@ def _lm(args) -> int:
         raise UserError(f"--limit: must be > 0, got {args.limit}")
     if args.include_path and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path {args.include_path}: not a directory")
-    run, model, wdir = load_model(args.checkpoint)
+    from stars_scale.cli.generate import resolve_device
+
+    run, model, wdir = load_model(args.checkpoint, resolve_device(args.device))
     codec = load_codec(run, wdir, args.tokenizer)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:

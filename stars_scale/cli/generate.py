@@ -56,6 +56,22 @@ def options_from_args(args, run, max_new_tokens: int, eos_id, *, temperature=0.0
     return opts
 
 
+def resolve_device(name: str | None) -> str:
+    import torch
+
+    from stars_scale.errors import UserError
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: {name!r} is not a torch device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available here")
+    return str(dev)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stars-generate", description="Generate text with a looped LM.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or converted dir")
@@ -71,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: next to the weights or the data)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt, with loops per token")
     return p
 
@@ -102,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from stars_scale.generate.load import load_codec, load_model
 
         prompts = _read_prompts(args)
-        run, model, wdir = load_model(args.checkpoint)
+        run, model, wdir = load_model(args.checkpoint, resolve_device(args.device))
         codec = load_codec(run, wdir, args.tokenizer)
         ids = [codec.encode(p) for p in prompts]
         for p, t in zip(prompts, ids):

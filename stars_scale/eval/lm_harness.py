@@ -120,6 +120,8 @@ class StarsLM(LM):
 
     @torch.no_grad()
     def _score_batch(self, ctx: torch.Tensor, cont: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        ctx, cont = ctx.to(device), cont.to(device)
         if self.opts.exit == "fixed":  # one forward pass: equal to the cached path (tests/test_generate.py)
             seq = torch.cat([ctx, cont], 1)[:, :-1]
             logits = self.model(seq, n_free=self.opts.depth, n_grad=0).logits[:, ctx.shape[1] - 1:].float()
