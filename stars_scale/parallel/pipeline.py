@@ -96,8 +96,7 @@ def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
         if isinstance(model.lm_head, nn.Linear):  # no tensor parallelism: a plain tied Linear
             model.lm_head = TiedHead()
         else:
-            model.lm_head._tied = None
-            model.lm_head.inner.weight = None
+            model.lm_head.receive_weight()
     return lo, hi
 
 

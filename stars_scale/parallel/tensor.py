@@ -172,6 +172,11 @@ class VocabParallelHead(nn.Module):
     def tied(self) -> bool:
         return self._tied is not None
 
+    def receive_weight(self) -> None:
+        """A pipeline's last stage: no reference to the embedding; `external_weight` is set per round."""
+        self._tied = None
+        self.inner.weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.external_weight
         if weight is None and self.tied:
