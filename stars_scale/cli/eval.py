@@ -32,7 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rho-iters", type=int, default=None, help="power iterations for rho (default: config)")
     d.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
     add_exit_args(d)
+    d.add_argument("--states", type=int, default=0, metavar="N",
+                   help="also plot the hidden-state trajectories of N examples on their first two principal "
+                        "components over max(depths) iterations (states_pca.png/.json)")
     add_lm_parser(sub)
+    c = sub.add_parser("compare", help="one plot and one table of accuracy, ||dh|| and rho against depth for "
+                                       "several runs (runs with the same label are one group: mean and range)")
+    c.add_argument("runs", nargs="+", help="run dirs, eval dirs or depth_scaling.json files")
+    c.add_argument("--out", required=True, help="output dir: compare.png, compare.json, compare.md")
+    c.add_argument("--labels", default=None, help="comma-separated label per run (default: the run's name)")
+    c.add_argument("--title", default="", help="plot title")
     return p
 
 
@@ -70,6 +79,8 @@ def add_exit_args(d: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        return run_cli(lambda: _compare(args))
 
     def body() -> int:
         if args.command == "lm":
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else path.parent.parent / f"eval_{path.name}"
         title = f"{path.parent.parent.name} @ {path.name}"
         extra = _exit_rules(args, cfg, model, batch, has_acc, results, out, title) if args.exit else []
+        if args.states:
+            extra += _state_pca(model, batch, max(depths), args.states, cfg, has_acc, out, title)
         jpath, ppath = write_depth_scaling(results, out, title=title)
         run_id = state.get("mlflow_run_id")
         if run_id and cfg.tracking.mlflow and not args.no_mlflow:
@@ -216,6 +229,32 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     atomic_write_text(md, table + "\n")
     print(table, file=sys.stderr)
     return [png, md]
+
+
+def _state_pca(model, batch, depth: int, examples: int, cfg, has_acc: bool, out: Path, title: str) -> list[Path]:
+    """--states N: the PCA of N examples' loop-state trajectories -> states_pca.{json,png}."""
+    import torch
+
+    from stars_scale.errors import UserError
+    from stars_scale.eval.trajectories import arithmetic_titles, state_pca, write_state_pca
+
+    if examples < 0:
+        raise UserError(f"--states: expected a number of examples >= 0, got {examples}")
+    examples = min(examples, batch["input_ids"].shape[0])
+    titles = arithmetic_titles(batch, examples) if cfg.data.kind == "arithmetic" else None
+    with torch.no_grad():
+        res = state_pca(model, batch, depth, examples=examples, seed=cfg.seed, has_accuracy=has_acc, titles=titles)
+    return list(write_state_pca(res, out, title=title))
+
+
+def _compare(args) -> int:
+    from stars_scale.eval.compare import group_runs, write_compare
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    paths = write_compare(group_runs(args.runs, labels), Path(args.out), args.title)
+    print(paths["md"].read_text(), end="")
+    print(f"wrote {paths['png']}, {paths['json']}, {paths['md']}", file=sys.stderr)
+    return 0
 
 
 def _run_tracker(cfg, run_id: str):
