@@ -60,14 +60,15 @@ def pca_2d(traj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def state_pca(model, batch: dict[str, torch.Tensor], depth: int, *, examples: int = 4, seed: int = 0,
               has_accuracy: bool = True, titles: list[str] | None = None) -> dict:
-    """The PCA of the first `examples` sequences' state trajectories over `depth` iterations, as a
+    """The PCA of `examples` sequences' (spread over the batch) state trajectories over `depth` iterations, as a
     JSON-ready dict: per example its 2-D path, explained variance, ‖s_t − s_{t−1}‖/‖s_{t−1}‖ and
     (with answers) the exact-match flag at every iteration."""
     if examples < 1:
         raise ValueError(f"examples must be >= 1, got {examples}")
     device = next(model.parameters()).device
-    ids = batch["input_ids"][:examples].to(device)
-    labels = batch["labels"][:examples].to(device) if has_accuracy else None
+    pick = example_indices(batch["input_ids"].shape[0], examples)
+    ids = batch["input_ids"][pick].to(device)
+    labels = batch["labels"][pick].to(device) if has_accuracy else None
     traj, correct = state_trajectories(model, ids, labels, depth, seed=seed)
     coords, explained = pca_2d(traj.cpu())
     step = (traj[:, 1:] - traj[:, :-1]).norm(dim=-1) / traj[:, :-1].norm(dim=-1).clamp_min(1e-12)
@@ -81,12 +82,18 @@ def state_pca(model, batch: dict[str, torch.Tensor], depth: int, *, examples: in
     return {"depth": depth, "iterations": list(range(depth + 1)), "examples": out}
 
 
+def example_indices(n: int, examples: int) -> torch.Tensor:
+    """`examples` indices spread evenly over a batch of n (test sets are often sorted)."""
+    return torch.linspace(0, n - 1, min(examples, n)).round().long()
+
+
 def arithmetic_titles(batch: dict[str, torch.Tensor], examples: int) -> list[str]:
-    """The prompt of each example ("123+456="), for the panel titles."""
+    """The prompt of each example `state_pca` picks ("123+456="), for the panel titles."""
     from stars_scale.data.arithmetic import decode_tokens
 
     titles = []
-    for ids, labels in zip(batch["input_ids"][:examples], batch["labels"][:examples]):
+    pick = example_indices(batch["input_ids"].shape[0], examples)
+    for ids, labels in zip(batch["input_ids"][pick], batch["labels"][pick]):
         # labels are shifted by one: the first labelled position is the prompt's last token ("=")
         end = int((labels != IGNORE).nonzero()[0]) + 1 if (labels != IGNORE).any() else len(ids)
         titles.append(decode_tokens(ids[:end]).strip())
@@ -102,7 +109,8 @@ def plot_state_pca(res: dict, path: Path, title: str = "") -> None:
     exs = res["examples"]
     cols = min(4, len(exs))
     rows = (len(exs) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1, 3.4 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     cmap = plt.get_cmap("viridis")
     n = res["depth"]
     for ax, ex in zip(axes.flat, exs):
@@ -124,7 +132,7 @@ def plot_state_pca(res: dict, path: Path, title: str = "") -> None:
     for ax in list(axes.flat)[len(exs):]:
         ax.axis("off")
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, n))
-    fig.colorbar(sm, ax=axes.ravel().tolist(), label="loop iteration", shrink=0.8)
+    fig.colorbar(sm, ax=axes, label="loop iteration", shrink=0.8)
     note = "filled: answer exact at that iteration; hollow: wrong" if exs and "correct" in exs[0] else ""
     fig.suptitle("  ".join(x for x in (title, "hidden-state trajectory, first two PCs", note) if x), fontsize=9)
     atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
