@@ -79,9 +79,9 @@ def _default_label(f: Path) -> str:
 def summarize_group(runs: list[dict]) -> dict:
     """Per depth (union over the runs), each metric's mean, min and max over the runs that have it."""
     depths = sorted({d for r in runs for d in r["depths"]})
-    out = {"n": len(runs), "sources": [r["source"] for r in runs], "depths": depths}
+    out = {"n": len(runs), "sources": [r.get("source") for r in runs], "depths": depths}
     for key in METRICS:
-        if any(r[key] is None for r in runs):
+        if any(r.get(key) is None for r in runs):
             out[key] = None
             continue
         stats = {"mean": [], "min": [], "max": []}

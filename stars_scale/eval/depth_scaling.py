@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from stars_scale.data.arithmetic import ArithmeticTask
 from stars_scale.loss import IGNORE
 from stars_scale.stars.jacobian import estimate_spectral_radius
-from stars_scale.utils import atomic_write, atomic_write_json
+from stars_scale.utils import atomic_write_json
 
 
 @torch.no_grad()
@@ -82,48 +82,24 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
 
 def plot_depth_scaling(results: dict | list[tuple[str, dict]], path: Path, title: str = "") -> None:
     """Accuracy (or loss), ‖Δh‖ and ρ̂ against depth; several labelled runs share the axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stars_scale.eval.compare import plot_groups, summarize_group
 
     runs = results if isinstance(results, list) else [("", results)]
-    has_acc = any(r.get("accuracy") is not None for _, r in runs)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for label, r in runs:
-        d = r["depths"]
-        kw = {"marker": "o", "label": label or None}
-        if has_acc and r.get("accuracy") is not None:
-            axes[0].plot(d, [100 * a for a in r["accuracy"]], **kw)
-        else:
-            axes[0].plot(d, r["loss"], **kw)
-        axes[1].plot(d, [max(x, 1e-12) for x in r["delta_h"]], **kw)
-        axes[2].plot(d, r["rho"], **kw)
-    axes[0].set_ylabel("exact match (%)" if has_acc else "loss")
-    axes[1].set_ylabel("‖h_r − h_{r−1}‖ / ‖h_{r−1}‖")
-    axes[1].set_yscale("log")
-    axes[2].set_ylabel("ρ̂ of the core map")
-    axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("loop depth r at test time")
-        ax.grid(alpha=0.3)
-    if any(label for label, _ in runs):
-        axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(Path(path), lambda p: fig.savefig(p, format="png", dpi=110))
-    plt.close(fig)
+    plot_groups([(label, summarize_group([r])) for label, r in runs], path, title)
+
+
+def write_json_and_png(results: dict, out_dir: Path, stem: str, plot, title: str = "") -> tuple[Path, Path]:
+    """`<stem>.json` (the results) and `<stem>.png` (`plot(results, path, title)`) in out_dir, atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath, ppath = out_dir / f"{stem}.json", out_dir / f"{stem}.png"
+    atomic_write_json(jpath, results)
+    plot(results, ppath, title)
+    return jpath, ppath
 
 
 def write_depth_scaling(results: dict, out_dir: Path, title: str = "") -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, ppath = out_dir / "depth_scaling.json", out_dir / "depth_scaling.png"
-    atomic_write_json(jpath, results)
-    plot_depth_scaling(results, ppath, title)
-    return jpath, ppath
+    return write_json_and_png(results, out_dir, "depth_scaling", plot_depth_scaling, title)
 
 
 def load_depth_scaling(path: Path) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from stars_scale.data.arithmetic import IGNORE, ArithmeticTask
-from stars_scale.utils import atomic_write, atomic_write_json
+from stars_scale.eval.depth_scaling import write_json_and_png
+from stars_scale.utils import atomic_write
 
 
 @torch.no_grad()
@@ -140,9 +141,4 @@ def plot_state_pca(res: dict, path: Path, title: str = "") -> None:
 
 
 def write_state_pca(res: dict, out_dir: Path, title: str = "") -> tuple[Path, Path]:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, ppath = out_dir / "states_pca.json", out_dir / "states_pca.png"
-    atomic_write_json(jpath, res)
-    plot_state_pca(res, ppath, title)
-    return jpath, ppath
+    return write_json_and_png(res, out_dir, "states_pca", plot_state_pca, title)
