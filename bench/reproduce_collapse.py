@@ -1,0 +1,131 @@
+"""Train the three collapse configs over several seeds and show the depth collapse STARS prevents.
+
+    python bench/reproduce_collapse.py [--seeds 0,1,2] [--out runs/collapse] [--docs docs] [--set key=value ...]
+
+Trains configs/collapse_fixed.yaml (fixed depth, no penalty), collapse_lognormal.yaml (log-normal
+depth, no penalty) and collapse_stars.yaml (log-normal depth + STARS penalty), identical
+otherwise, once per seed (one after another; a run whose depth_scaling.json exists is reused),
+then writes into --docs:
+- collapse_depth_scaling.png: exact match, ||dh|| and rho against test-time depth, the three
+  configs as mean lines with min-max bands over the seeds (`stars_scale.eval.compare`);
+- collapse_results.json: per config and seed the sweep, the wall and CPU time of the run, the
+  machine load, and the issue's targets checked per seed and on the seed mean:
+  fixed: exact match at 4x its training depth <= 50% of its own peak;
+  STARS: exact match at every swept depth from its training mean to 8x it >= 95% of its own
+  peak, and its peak >= the fixed baseline's peak - 2 points.
+A markdown table of the per-seed figures goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = {"fixed depth, no penalty": "collapse_fixed", "log-normal depth, no penalty": "collapse_lognormal",
+        "STARS (log-normal depth + penalty)": "collapse_stars"}
+
+
+def train(name: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    """Train one config/seed (or reuse it); returns its sweep plus wall/CPU time and load."""
+    rdir = out / name / f"seed{seed}"
+    timing = rdir / "timing.json"
+    if not (rdir / "depth_scaling.json").is_file():
+        cmd = [sys.executable, "-m", "stars_scale.train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
+               "--out", str(rdir), "--set", f"seed={seed}"] + [x for o in overrides for x in ("--set", o)]
+        load0, t0, c0 = os.getloadavg()[0], time.time(), _child_cpu()
+        subprocess.run(cmd, check=True)
+        rdir.joinpath("timing.json").write_text(json.dumps({
+            "wall_seconds": time.time() - t0, "cpu_seconds": _child_cpu() - c0,
+            "load_avg_1min_start": load0, "load_avg_1min_end": os.getloadavg()[0],
+            "torch_threads": os.environ.get("OMP_NUM_THREADS", "default")}))
+    r = json.loads((rdir / "depth_scaling.json").read_text())
+    r["timing"] = json.loads(timing.read_text()) if timing.is_file() else None
+    r["run_dir"] = str(rdir)
+    return r
+
+
+def _child_cpu() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def training_depth(name: str) -> int:
+    """The config's training depth: the fixed value, or the log-normal's mean rounded."""
+    from stars_scale.config import load_config
+    from stars_scale.stars.depth import base_mean
+
+    return int(round(base_mean(load_config(ROOT / "configs" / f"{name}.yaml").depth)))
+
+
+def check(r: dict, depth: int) -> dict:
+    """Peak, retention at 4x and over [depth, 8 depth] of one sweep (a run's or the seed mean's)."""
+    acc = dict(zip(r["depths"], r["accuracy"]))
+    peak = max(acc.values())
+    window = [acc[d] for d in acc if depth <= d <= 8 * depth]
+    return {"peak": peak, "peak_depth": max(acc, key=acc.get), "train_depth": depth,
+            "at_4x": acc.get(4 * depth), "retained_4x": acc[4 * depth] / peak if 4 * depth in acc and peak else None,
+            "worst_in_1x_8x": min(window), "retained_1x_8x": min(window) / peak if peak else None}
+
+
+def mean_sweep(runs: list[dict]) -> dict:
+    return {"depths": runs[0]["depths"],
+            "accuracy": [sum(r["accuracy"][i] for r in runs) / len(runs) for i in range(len(runs[0]["depths"]))]}
+
+
+def targets(stats: dict) -> dict:
+    fixed, stars = stats["collapse_fixed"], stats["collapse_stars"]
+    return {"fixed_collapses (at 4x <= 50% of peak)": fixed["retained_4x"] is not None and fixed["retained_4x"] <= 0.5,
+            "stars_holds (>= 95% of peak from mean to 8x)": stars["retained_1x_8x"] >= 0.95,
+            "stars_peak_ok (>= fixed peak - 2 points)": stars["peak"] >= fixed["peak"] - 0.02}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="runs/collapse")
+    ap.add_argument("--docs", default=str(ROOT / "docs"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    from stars_scale.eval.compare import plot_groups, summarize_group
+    from stars_scale.utils import atomic_write_json
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = {name: [train(name, s, Path(args.out), args.overrides) for s in seeds] for name in RUNS.values()}
+    depth = {name: training_depth(name) for name in RUNS.values()}
+    per_seed = {name: [check(r, depth[name]) for r in rs] for name, rs in runs.items()}
+    on_mean = {name: check(mean_sweep(rs), depth[name]) for name, rs in runs.items()}
+    table = {
+        "seeds": seeds, "overrides": args.overrides,
+        "targets_on_seed_mean": targets(on_mean),
+        "targets_per_seed": [targets({n: per_seed[n][i] for n in runs}) for i in range(len(seeds))],
+        "configs": {name: {"label": label, "config": f"configs/{name}.yaml", "on_seed_mean": on_mean[name],
+                           "seeds": [{"seed": s, **c, **{k: r[k] for k in ("depths", "accuracy", "rho", "delta_h",
+                                                                        "timing", "run_dir")}}
+                                     for s, c, r in zip(seeds, per_seed[name], runs[name])]}
+                    for label, name in RUNS.items()},
+    }
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    for r in (r for rs in runs.values() for r in rs):
+        r["source"] = r["run_dir"]
+    groups = [(label, summarize_group(runs[name])) for label, name in RUNS.items()]
+    plot_groups(groups, docs / "collapse_depth_scaling.png",
+                f"depth collapse: 2-digit addition, seeds {args.seeds} (mean, min-max band)")
+    atomic_write_json(docs / "collapse_results.json", table)
+    depths = runs["collapse_fixed"][0]["depths"]
+    print("| config | seed | " + " | ".join(f"r={d}" for d in depths) + " | peak | kept at 4x | worst kept, 1x-8x |")
+    print("|---|---|" + "---|" * (len(depths) + 3))
+    for label, name in RUNS.items():
+        for s, c, r in zip(seeds, per_seed[name], runs[name]):
+            print(f"| {label} | {s} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) +
+                  f" | {100 * c['peak']:.1f} @ {c['peak_depth']} | {c['retained_4x']:.2f} | {c['retained_1x_8x']:.2f} |")
+    print(json.dumps(table["targets_on_seed_mean"]))
+
+
+if __name__ == "__main__":
+    main()
