@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from stars_scale.data.arithmetic import IGNORE, ArithmeticTask
+from stars_scale.data.arithmetic import ArithmeticTask
 from stars_scale.eval.depth_scaling import write_json_and_png
+from stars_scale.loss import IGNORE
 from stars_scale.utils import atomic_write
 
 
