@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import keyword
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,33 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import yaml
 
 from stars_scale.errors import ConfigError
+
+_MAX_INT = 2**62  # counts (steps, sizes) beyond any real run; keeps arithmetic on them in int64
+_MAX_WIDTH = 2**24  # widths, vocabularies, sequence lengths
+_MAX_BLOCKS = 4096
+_MAX_DEPTH = 100_000  # loop iterations
+_MAX_FLOAT = 1e30  # scales and rates: far beyond any sane value, well inside float32
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+def _range(obj: Any, at: str, lo: float, hi: float, *names: str, lo_open: bool = False,
+           hi_open: bool = False) -> None:
+    """Each of `names` (when not None) must lie in [lo, hi], with open ends as asked."""
+    for name in names:
+        v = getattr(obj, name)
+        if v is None:
+            continue
+        where = f"{at}.{name}" if at else name
+        _require(v > lo if lo_open else v >= lo, where, f"must be {'>' if lo_open else '>='} {_num(lo)}, got {v!r}")
+        _require(v < hi if hi_open else v <= hi, where, f"must be {'<' if hi_open else '<='} {_num(hi)}, got {v!r}")
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) and abs(x) < 1e6 else f"{x:g}"
 
 
 @dataclass
@@ -60,6 +88,26 @@ class ModelConfig:
     # optional head (LoopedLM.exit_logits); it does not enter the LM loss.
     exit_gate: bool = False
 
+    def validate(self, at: str = "model") -> None:
+        _range(self, at, 1, _MAX_WIDTH, "vocab_size", "hidden", "heads", "max_seq_len", "mlp_hidden")
+        _range(self, at, 1, _MAX_BLOCKS, "n_core")
+        _range(self, at, 0, _MAX_BLOCKS, "n_prelude", "n_coda")
+        _range(self, at, 1, self.heads, "kv_heads")
+        _require(self.hidden % self.heads == 0, f"{at}.heads",
+                 f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        kv = self.kv_heads or self.heads
+        _require(self.heads % kv == 0, f"{at}.kv_heads", f"heads {self.heads} must be a multiple of kv_heads {kv}")
+        if self.positions == "rope":
+            _require((self.hidden // self.heads) % 2 == 0, f"{at}.positions", "rope needs an even head dimension")
+            _range(self, at, 1.0, _MAX_FLOAT, "rope_base", lo_open=True)
+        _range(self, at, 0.0, 1.0, "dropout", hi_open=True)
+        _range(self, at, 0.0, 1.0, "norm_eps", lo_open=True)
+        _range(self, at, 0.0, _MAX_FLOAT, "init_std", "init_state_std", "embed_scale", lo_open=True)
+        _require(not (self.pre_coda_norm and not self.final_norm), f"{at}.pre_coda_norm",
+                 "needs model.final_norm: true (it reuses the final norm's weights)")
+        _require(not (self.injection == "none" and self.init_state != "embed"), f"{at}.init_state",
+                 "injection: none needs init_state: embed (otherwise the input never reaches the loop)")
+
 
 @dataclass
 class CurriculumConfig:
@@ -67,6 +115,11 @@ class CurriculumConfig:
     start: float = 1.0
     shape: Literal["linear", "sqrt"] = "linear"  # sqrt: 1 - sqrt(1 - t), fast at first
     backprop_start: Optional[int] = None  # backprop depth ramps from this to depth.backprop too
+
+    def validate(self, at: str = "depth.curriculum") -> None:
+        _range(self, at, 0, _MAX_INT, "steps")
+        _range(self, at, 0.0, _MAX_DEPTH, "start", lo_open=True)
+        _range(self, at, 1, _MAX_DEPTH, "backprop_start")
 
 
 @dataclass
@@ -82,6 +135,15 @@ class DepthConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     eval_depth: Optional[int] = None  # depth used for validation during training (None: median)
 
+    def validate(self, at: str = "depth") -> None:
+        _range(self, at, 1, _MAX_DEPTH, "value", "min", "max", "backprop", "eval_depth")
+        _require(self.max >= self.min, f"{at}.max", f"must be >= depth.min ({self.min}), got {self.max}")
+        _range(self, at, -20.0, 20.0, "mu")
+        _range(self, at, 0.0, 20.0, "sigma")
+        _range(self, at, 0.0, _MAX_DEPTH, "mean", lo_open=True)
+        _require(self.curriculum.backprop_start is None or self.backprop is not None,
+                 f"{at}.curriculum.backprop_start", "needs depth.backprop (the backprop depth it ramps to)")
+
 
 @dataclass
 class StarsConfig:
@@ -95,11 +157,23 @@ class StarsConfig:
     fd_eps: Optional[float] = None  # None: chosen from the dtype
     estimate_every: int = 1  # compute rho-hat every N steps while the penalty is off
 
+    def validate(self, at: str = "stars") -> None:
+        _range(self, at, 0.0, _MAX_FLOAT, "lam")
+        _require(not (self.combine == "convex" and self.lam > 1), f"{at}.lam", "must be <= 1 with combine: convex")
+        _range(self, at, 1, 1000, "iters")
+        _range(self, at, 0, _MAX_INT, "warmup_steps", "estimate_every")
+        _range(self, at, 0.0, 1.0, "sample_fraction", lo_open=True)
+        _range(self, at, 0.0, 1.0, "fd_eps", lo_open=True)
+
 
 @dataclass
 class MixtureItem:
     path: str = ""
     weight: float = 1.0
+
+    def validate(self, at: str = "data.mixture[0]") -> None:
+        _require(bool(self.path), f"{at}.path", "must name a dataset directory")
+        _range(self, at, 0.0, _MAX_FLOAT, "weight", lo_open=True)
 
 
 @dataclass
@@ -118,6 +192,15 @@ class DataConfig:
     shuffle_buffer: int = 1024
     val_batches: int = 8  # validation batches (from the val split) per evaluation
 
+    def validate(self, at: str = "data") -> None:
+        _range(self, at, 1, _MAX_INT, "batch_size", "test_size", "val_batches")
+        _range(self, at, 1, 18, "digits")  # a + b must fit in int64
+        _range(self, at, 0, _MAX_INT, "train_size", "shuffle_buffer")
+        _range(self, at, 0, 1024, "num_workers")
+        if self.kind == "shards":
+            _require(bool(self.path) != bool(self.mixture), f"{at}.path",
+                     "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")
+
 
 @dataclass
 class OptimConfig:
@@ -131,6 +214,15 @@ class OptimConfig:
     warmup_steps: int = 0
     decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
     grad_clip: float = 1.0
+
+    def validate(self, at: str = "optim") -> None:
+        _range(self, at, 0.0, _MAX_FLOAT, "lr", lo_open=True)
+        _range(self, at, 0.0, 1.0, "min_lr_ratio")
+        _range(self, at, 0.0, _MAX_FLOAT, "weight_decay", "grad_clip")
+        _range(self, at, 0.0, 1.0, "beta1", "beta2", hi_open=True)
+        _range(self, at, 0.0, 1.0, "eps", lo_open=True)
+        _range(self, at, 0, _MAX_INT, "warmup_steps")
+        _range(self, at, 0.0, 1.0, "decay_fraction", lo_open=True)
 
 
 @dataclass
@@ -147,6 +239,13 @@ class TrainConfig:
     # CPU runs: keep freed host memory in the process for reuse (glibc mallopt, see
     # stars_scale/train/host_malloc.py) instead of page-faulting it back in every step.
     host_malloc: Literal["tuned", "system"] = "tuned"
+    # a checkpoint save that fails (disk full, I/O error) warns and is retried at the next
+    # interval; this many failures in a row stop the run
+    max_failed_saves: int = 3
+
+    def validate(self, at: str = "train") -> None:
+        _range(self, at, 1, _MAX_INT, "steps", "grad_accum", "log_every", "keep_last", "max_failed_saves")
+        _range(self, at, 0, _MAX_INT, "ckpt_every", "eval_every")
 
 
 @dataclass
@@ -155,6 +254,13 @@ class EvalConfig:
     samples: int = 512
     rho_iters: int = 20
     batch_size: int = 256
+
+    def validate(self, at: str = "eval") -> None:
+        for i, dep in enumerate(self.depths):
+            _require(dep >= 1, f"{at}.depths[{i}]", f"must be >= 1, got {dep}")
+            _require(dep <= _MAX_DEPTH, f"{at}.depths[{i}]", f"must be <= {_MAX_DEPTH}, got {dep}")
+        _range(self, at, 1, _MAX_INT, "samples", "batch_size")
+        _range(self, at, 1, 1000, "rho_iters")
 
 
 @dataclass
@@ -165,6 +271,10 @@ class TrackingConfig:
     run_name: Optional[str] = None
     system_metrics: bool = False  # CPU/GPU/memory/network per node, sampled by MLflow
     system_metrics_interval: float = 10.0
+
+    def validate(self, at: str = "tracking") -> None:
+        _range(self, at, 0.1, 86400.0, "system_metrics_interval")
+        _require(bool(self.experiment.strip()), f"{at}.experiment", "must be a non-empty name")
 
 
 @dataclass
@@ -184,6 +294,10 @@ class ParallelConfig:
     # pp > 1: 1f1b holds min(pp, microbatches) microbatches' activations per stage; gpipe all of them
     schedule: Literal["1f1b", "gpipe"] = "1f1b"
 
+    def validate(self, at: str = "parallel") -> None:
+        _range(self, at, 1, 4096, "tp", "pp", "microbatches")
+        _require(self.zero in (0, 1, 2), f"{at}.zero", f"must be 0, 1 or 2, got {self.zero}")
+
 
 @dataclass
 class RunConfig:
@@ -198,6 +312,9 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     init: InitConfig = field(default_factory=InitConfig)
+
+    def validate(self, at: str = "") -> None:
+        _require(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
 
     def to_dict(self) -> dict:
         return _yaml_keys(dataclasses.asdict(self))
@@ -223,7 +340,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_short(value)}")
         return _build(tp, value, path)
     if origin is Union:
         args = get_args(tp)
@@ -237,35 +354,49 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, a, path)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
         (item,) = get_args(tp)
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {_short(value)}")
         return value
     if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)  # 1e3, 2.0e+4: integers written in float notation
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
+        if not -2**63 < value < 2**63:
+            raise ConfigError(f"{path}: expected an integer that fits in 64 bits, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if not math.isfinite(float(value)):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{path}: expected a number, got {_short(value)}")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {_short(value)}")
+        return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {_short(value)}")
         return value
     raise TypeError(f"unsupported config type {tp} at {path}")  # programming error
+
+
+def _short(value: Any) -> str:
+    """repr of a user's value, cut to one short line."""
+    r = repr(value)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def _yaml_keys(d: Any) -> Any:
@@ -307,17 +438,59 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes for configs: a key given twice is an error (instead of
+    the later block silently replacing the earlier), and `1e-3` / `1e12` are numbers (YAML 1.2;
+    PyYAML's YAML 1.1 rule wants a dot and a signed exponent and reads them as strings)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    hash(key)
+                except (TypeError, yaml.YAMLError):
+                    continue  # the base class reports unhashable keys
+                if key in seen and key != "<<":
+                    raise ConfigError(f"duplicate key {_short(key)} at line {key_node.start_mark.line + 1} "
+                                      f"(first given at line {seen[key]}): give each key once")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text -> Python data with the strict loader; one-line ConfigError naming `what` otherwise."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{what}: not valid YAML{where}: {problem}") from None
+    except (RecursionError, MemoryError):
+        raise ConfigError(f"{what}: not valid YAML: nested too deeply") from None
+
+
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     out = []
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set stars.lam=0.1")
+            raise ConfigError(f"--set {_short(item)}: expected key=value, e.g. --set stars.lam=0.1")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
-        out.append((key.strip(), value))
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"--set {_short(key)}: expected a dotted field name such as optim.lr")
+        value = parse_yaml(raw, f"--set {key}") if raw.strip() != "" else ""
+        out.append((key, value))
     return out
 
 
@@ -333,15 +506,22 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfi
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        raise ConfigError(f"{p}: config file not found" if not p.exists() else f"{p}: not a regular file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (byte {e.start} is not UTF-8); expected a YAML config") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text file (it holds NUL bytes); expected a YAML config")
+    data = parse_yaml(text, str(p))
     if data is None:
-        data = {}
+        raise ConfigError(f"{p}: the config file is empty; expected a YAML mapping such as 'model: {{hidden: 64}}'")
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     try:
         return config_from_dict(data, overrides)
     except ConfigError as e:
@@ -357,85 +537,17 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _require(cond: bool, field_name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
-
-
-def validate(cfg: RunConfig) -> None:
-    m, d, s, o, t = cfg.model, cfg.depth, cfg.stars, cfg.optim, cfg.train
-    for name in ("vocab_size", "hidden", "heads", "max_seq_len", "n_core"):
-        _require(getattr(m, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(m, name)}")
-    for name in ("n_prelude", "n_coda"):
-        _require(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
-    _require(m.hidden % m.heads == 0, "model.heads", f"hidden {m.hidden} is not divisible by heads {m.heads}")
-    kv = m.kv_heads or m.heads
-    _require(kv >= 1 and m.heads % kv == 0, "model.kv_heads", f"heads {m.heads} must be a multiple of kv_heads {kv}")
-    if m.positions == "rope":
-        _require((m.hidden // m.heads) % 2 == 0, "model.positions", "rope needs an even head dimension")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    _require(m.mlp_hidden is None or m.mlp_hidden >= 1, "model.mlp_hidden", "must be >= 1")
-    _require(m.init_state_std is None or m.init_state_std > 0, "model.init_state_std", "must be > 0")
-    _require(not (m.pre_coda_norm and not m.final_norm), "model.pre_coda_norm",
-             "needs model.final_norm: true (it reuses the final norm's weights)")
-    _require(not (m.injection == "none" and m.init_state != "embed"), "model.init_state",
-             "injection: none needs init_state: embed (otherwise the input never reaches the loop)")
-
-    _require(d.value >= 1, "depth.value", f"must be >= 1, got {d.value}")
-    _require(d.min >= 1, "depth.min", f"must be >= 1, got {d.min}")
-    _require(d.max >= d.min, "depth.max", f"must be >= depth.min ({d.min}), got {d.max}")
-    _require(d.sigma >= 0, "depth.sigma", f"must be >= 0, got {d.sigma}")
-    _require(d.mean > 0, "depth.mean", f"must be > 0, got {d.mean}")
-    _require(d.backprop is None or d.backprop >= 1, "depth.backprop", f"must be >= 1 or null, got {d.backprop}")
-    _require(d.curriculum.steps >= 0, "depth.curriculum.steps", "must be >= 0")
-    _require(d.curriculum.start > 0, "depth.curriculum.start", "must be > 0")
-    _require(d.curriculum.backprop_start is None or d.curriculum.backprop_start >= 1,
-             "depth.curriculum.backprop_start", "must be >= 1")
-    _require(d.curriculum.backprop_start is None or d.backprop is not None, "depth.curriculum.backprop_start",
-             "needs depth.backprop (the backprop depth it ramps to)")
-    _require(d.eval_depth is None or d.eval_depth >= 1, "depth.eval_depth", "must be >= 1")
-
-    _require(s.lam >= 0, "stars.lam", f"must be >= 0, got {s.lam}")
-    _require(not (s.combine == "convex" and s.lam > 1), "stars.lam", "must be <= 1 with combine: convex")
-    _require(s.iters >= 1, "stars.iters", f"must be >= 1, got {s.iters}")
-    _require(s.warmup_steps >= 0, "stars.warmup_steps", "must be >= 0")
-    _require(0 < s.sample_fraction <= 1, "stars.sample_fraction", f"must be in (0, 1], got {s.sample_fraction}")
-    _require(s.fd_eps is None or s.fd_eps > 0, "stars.fd_eps", "must be > 0")
-    _require(s.estimate_every >= 0, "stars.estimate_every", "must be >= 0")
-
-    _require(cfg.data.digits >= 1, "data.digits", "must be >= 1")
-    if cfg.data.kind == "shards":
-        _require(bool(cfg.data.path) != bool(cfg.data.mixture), "data.path",
-                 "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")
-        for i, item in enumerate(cfg.data.mixture):
-            _require(bool(item.path), f"data.mixture[{i}].path", "must name a dataset directory")
-            _require(item.weight > 0, f"data.mixture[{i}].weight", f"must be > 0, got {item.weight}")
-    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
-    _require(cfg.data.val_batches >= 1, "data.val_batches", "must be >= 1")
-    _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1")
-    _require(cfg.data.train_size >= 0, "data.train_size", "must be >= 0")
-    _require(cfg.data.test_size >= 1, "data.test_size", "must be >= 1")
-
-    _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
-    _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: off)")
-    _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
-    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", "must be in (0, 1]")
-
-    _require(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
-    _require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    _require(t.log_every >= 1, "train.log_every", "must be >= 1")
-    _require(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
-    _require(t.keep_last >= 1, "train.keep_last", "must be >= 1")
-    _require(t.eval_every >= 0, "train.eval_every", "must be >= 0")
-
-    for i, dep in enumerate(cfg.eval.depths):
-        _require(dep >= 1, f"eval.depths[{i}]", f"must be >= 1, got {dep}")
-    _require(cfg.eval.samples >= 1, "eval.samples", "must be >= 1")
-    _require(cfg.eval.rho_iters >= 1, "eval.rho_iters", "must be >= 1")
-
-    p = cfg.parallel
-    for name in ("tp", "pp", "microbatches"):
-        _require(getattr(p, name) >= 1, f"parallel.{name}", "must be >= 1")
-    _require(p.zero in (0, 1, 2), "parallel.zero", f"must be 0, 1 or 2, got {p.zero}")
+def validate(cfg: Any, at: str = "") -> None:
+    """Run every dataclass's own `validate(at)` (each checks its fields where they are defined)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        shown = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
+        path = f"{at}.{shown}" if at else shown
+        if dataclasses.is_dataclass(value):
+            validate(value, path)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    validate(item, f"{path}[{i}]")
+    if hasattr(cfg, "validate"):
+        cfg.validate(at)
