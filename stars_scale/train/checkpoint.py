@@ -1,26 +1,43 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, verifiable, resumable checkpoints that never execute code on load.
 
 Layout of a run directory:
 
     DIR/config.yaml                      resolved config of the run
     DIR/metrics.jsonl                    one JSON object per logged step
     DIR/checkpoints/step_00000020/       one complete checkpoint
-        model.pt  optimizer.pt  trainer_state.json  config.yaml  [rank files under parallelism]
+        model.pt  optimizer.pt  rng.pt  trainer_state.json  config.yaml  [rank files under parallelism]
+        manifest.json                    written last: every file's size and sha256
     DIR/checkpoints/latest               name of the newest complete checkpoint
 
-A checkpoint is written into a hidden temporary directory and renamed into place when every
-file is on disk, so a crash mid-save never leaves a half checkpoint under a real name; `latest`
-is replaced atomically after the rename. Only complete checkpoints (with trainer_state.json) are
-ever resumed from. Older checkpoints beyond `keep_last` are removed after a successful save.
+Safety. Tensor files are read with `torch.load(weights_only=True)`: PyTorch's restricted unpickler
+builds tensors, containers and numbers only, plus the globals named in an explicit allow-list, so a
+file holding a pickle payload is refused instead of run. Trainer state is JSON.
+
+Integrity. A checkpoint is written into a hidden temporary directory; `manifest.json` is written
+last, then the directory is renamed into place, so a crash never leaves a half checkpoint under a
+real name. On load every file is checked against the manifest (size, sha256): a flipped bit is
+reported in one line, and a resume from a run directory falls back to the newest checkpoint that
+verifies (and says so). Checkpoints written before manifests existed ("legacy": no manifest.json)
+still load, through the same safe loader, with a one-line note that they are unverified.
+
+Crash safety. Old checkpoints beyond `keep_last` are renamed aside (`.step_*.deleting`) and then
+deleted, so a kill mid-prune never leaves a half checkpoint that looks complete; stale temporaries
+of a dead run are removed before the next save. A save that fails (disk full, I/O error) removes
+its temporary directory and raises `CheckpointSaveError`; `SaveRetry` turns that into a warning
+and a retry at the next interval, and stops after `train.max_failed_saves` failures in a row.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
+import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -28,7 +45,18 @@ from stars_scale.errors import UserError
 from stars_scale.utils import _fsync_dir, atomic_write_text
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
+_STALE_RE = re.compile(r"^\.(step_\d{8}\.(tmp|old|deleting)|latest\..*\.tmp)$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, incomplete, corrupt or unsafe. The message names the file."""
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, I/O error); the previous ones are intact."""
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -39,60 +67,240 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(_STEP_RE.match(Path(path).name).group(1))
+
+
+def _say(msg: str) -> None:
+    """Progress notes from checkpoint handling: once per job (rank 0), on stderr."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- listing
+
+
+def _is_complete(p: Path) -> bool:
+    if (p / MANIFEST_FILE).is_file():
+        return True
+    # legacy (no manifest): the state file and the weights are both there
+    return (p / STATE_FILE).is_file() and (p / "model.pt").is_file()
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint directories that look complete (not yet verified), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    out = []
-    for p in root.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            out.append(p)
-    return sorted(out, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    out = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir() and _is_complete(p)]
+    return sorted(out, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    """The newest checkpoint of `run_dir` that verifies; newer ones that fail are named on stderr."""
+    failed: list[str] = []
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            _say(f"warning: {e}; trying an older checkpoint")
+            failed.append(p.name)
+            continue
+        if failed:
+            _say(f"resuming from {p} (the newer {', '.join(failed)} failed verification)")
+        return p
+    if failed:
+        raise CheckpointError(f"{checkpoint_root(run_dir)}: no checkpoint verifies ({', '.join(failed)} failed)")
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (-> its latest complete checkpoint). Clear error otherwise."""
+    """A checkpoint dir (verified), or a run dir (-> its newest verified checkpoint). Clear error otherwise."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"{p}: checkpoint not found (no such file or directory)")
-    if (p / STATE_FILE).is_file():
+        raise CheckpointError(f"{p}: checkpoint not found (no such file or directory)")
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: not a checkpoint directory (expected a directory with {STATE_FILE})")
+    if (p / STATE_FILE).is_file() or (p / MANIFEST_FILE).is_file():
+        verify_checkpoint(p)
         return p
     latest = latest_checkpoint(p)
     if latest is None:
-        raise UserError(f"{p}: no complete checkpoint here (expected {STATE_FILE} or checkpoints/step_*/)")
+        raise CheckpointError(f"{p}: no complete checkpoint here (expected {STATE_FILE} or checkpoints/step_*/)")
     return latest
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_under(d: Path) -> Iterable[Path]:
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_FILE:
+            yield p
+
+
+def write_manifest(d: Path, step: int) -> None:
+    files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_under(d)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    atomic_write_text(d / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+    """The manifest of `ckpt` (checked for shape), or None for a legacy checkpoint without one."""
+    path = Path(ckpt) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        m = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
+    files = m.get("files") if isinstance(m, dict) else None
+    if (not isinstance(files, dict) or m.get("format") != MANIFEST_FORMAT or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+            for v in files.values())):
+        raise CheckpointError(f"{path}: not a stars_scale manifest of format {MANIFEST_FORMAT}")
+    return m
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file of `ckpt` against its manifest (size, sha256) and the trainer state's shape."""
+    ckpt = Path(ckpt)
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        if not (ckpt / "model.pt").is_file():
+            raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST_FILE} and no model.pt)")
+    else:
+        for rel, meta in manifest["files"].items():
+            f = ckpt / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise CheckpointError(f"{ckpt / MANIFEST_FILE}: lists a path outside the checkpoint: {rel!r}")
+            try:
+                size = f.stat().st_size
+            except OSError:
+                raise CheckpointError(f"{f}: missing from the checkpoint (listed in its manifest)") from None
+            if size != meta["size"]:
+                raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['size']} (truncated or replaced)")
+            if _sha256(f) != meta["sha256"]:
+                raise CheckpointError(f"{f}: sha256 differs from the manifest (the file is corrupt)")
+        if STATE_FILE not in manifest["files"]:
+            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: does not list {STATE_FILE}")
+    load_state(ckpt)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def clean_stale(run_dir: Path) -> list[str]:
+    """Remove temporaries a killed run left in `checkpoints/` (never a real `step_*` directory)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for p in root.iterdir():
+        if _STALE_RE.match(p.name):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank iff every rank's `ok` is True (the world group under torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return ok
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
+
+
+def _save_failure(root: Path, step: int, tmp: Path, err: BaseException) -> CheckpointSaveError:
+    prev = list_checkpoints(root.parent)
+    need = _dir_bytes(prev[-1]) if prev else _dir_bytes(tmp)
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        free = -1
+    reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    return CheckpointSaveError(f"{root / step_dir_name(step)}: checkpoint not written ({reason}); it needs about "
+                               f"{need} bytes, {free} bytes are free there")
+
+
+def prune(run_dir: Path, keep_last: int, up_to_step: int) -> None:
+    """Keep the newest `keep_last` checkpoints at or before `up_to_step`; rename the rest aside, then delete.
+
+    Checkpoints after `up_to_step` (a newer one that failed verification) are left alone: the run
+    replaces them when it gets there.
+    """
+    root = checkpoint_root(run_dir)
+    older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= up_to_step]
+    for old in older[:-keep_last]:
+        aside = root / f".{old.name}.deleting"
+        os.replace(old, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(root)
 
 
 def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None], state: dict[str, Any],
                     keep_last: int, is_writer: bool = True, barrier: Callable[[], None] | None = None) -> Path:
-    """Write checkpoint `step`: `write_files(tmp_dir)` puts the tensors, then the state is added.
+    """Write checkpoint `step`: `write_files(tmp_dir)` puts the tensors, then the state and the manifest.
 
     Under parallelism every rank calls this with its own `write_files` (rank-suffixed files); the
-    writer rank creates the temporary dir, all ranks write, and the writer renames it after the
-    barrier.
+    writer rank creates the temporary dir, all ranks write, and the writer adds the state and the
+    manifest and renames it after the barrier. If any rank fails to write, every rank raises
+    `CheckpointSaveError`, the temporary dir is removed and the previous checkpoints are untouched.
     """
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / f".{step_dir_name(step)}.tmp"
+    err: BaseException | None = None
     if is_writer:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            clean_stale(run_dir)
+            tmp.mkdir()
+        except OSError as e:
+            err = e
     if barrier:
         barrier()
-    write_files(tmp)
-    if barrier:
-        barrier()
+    if _all_ok(err is None):
+        try:
+            write_files(tmp)
+        except (OSError, RuntimeError) as e:  # ENOSPC surfaces from torch.save as a RuntimeError
+            err = e
+        if barrier:
+            barrier()
+        if _all_ok(err is None) and is_writer:
+            try:
+                atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
+                write_manifest(tmp, step)
+                _fsync_dir(tmp)
+            except OSError as e:
+                err = e
+    ok = _all_ok(err is None)
+    if not ok:
+        exc = _save_failure(root, step, tmp, err) if err is not None else None
+        if is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if barrier:
+            barrier()
+        raise exc or CheckpointSaveError(f"{final}: checkpoint not written (another rank failed to write its part)")
     if is_writer:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
-        _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
             old = root / f".{step_dir_name(step)}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -102,12 +310,39 @@ def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None
         else:
             os.replace(tmp, final)
         _fsync_dir(root)
-        atomic_write_text(root / "latest", final.name + "\n")
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            atomic_write_text(root / "latest", final.name + "\n")
+        except OSError:
+            pass  # `latest` is a convenience for people; resume lists the directories
+        prune(run_dir, keep_last, step)
     if barrier:
         barrier()
     return final
+
+
+class SaveRetry:
+    """A failed periodic save warns and lets training go on; `max_failed` failures in a row stop it."""
+
+    def __init__(self, max_failed: int):
+        self.max_failed = max_failed
+        self.failures = 0
+
+    def __call__(self, save: Callable[[], Path], final: bool = False) -> Path | None:
+        try:
+            path = save()
+        except CheckpointSaveError as e:
+            self.failures += 1
+            if final:
+                raise CheckpointSaveError(f"{e}; the final checkpoint was not saved (free space and run again with "
+                                          "--resume: it continues from the last checkpoint)") from None
+            if self.failures >= self.max_failed:
+                raise CheckpointSaveError(f"{e}; {self.failures} checkpoint saves in a row failed "
+                                          f"(train.max_failed_saves={self.max_failed}), stopping") from None
+            _say(f"warning: {e}; training continues and the next checkpoint interval retries "
+                 f"({self.failures} of train.max_failed_saves={self.max_failed})")
+            return None
+        self.failures = 0
+        return path
 
 
 def save_tensor_file(obj: Any, path: Path) -> None:
@@ -116,17 +351,75 @@ def save_tensor_file(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+# --------------------------------------------------------------------------- loading
+
+
 def load_state(ckpt: Path) -> dict[str, Any]:
+    """The trainer state (JSON) of `ckpt`, with its required fields checked."""
+    path = Path(ckpt) / STATE_FILE
     try:
-        return json.loads((ckpt / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{ckpt / STATE_FILE}: unreadable checkpoint state ({e})") from None
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}")
+    for key in ("scheduler", "data"):
+        if not isinstance(state.get(key), dict):
+            raise CheckpointError(f"{path}: '{key}' must be an object, got {state.get(key)!r}")
+    return state
 
 
-def load_tensor_file(path: Path) -> Any:
+def load_tensor_file(path: Path, allow: Iterable[Any] = ()) -> Any:
+    """Load a tensor file without running code: `torch.load(weights_only=True)`.
+
+    `allow` names the extra globals (classes, functions) the file may reference; anything else in
+    the pickle is refused with one line naming the file.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: missing from the checkpoint")
+        raise CheckpointError(f"{path}: missing from the checkpoint")
+    allow = list(allow)
+    ctx = torch.serialization.safe_globals(allow) if allow else nullcontext()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"{path}: cannot be read as a checkpoint file ({type(e).__name__}: {e})") from None
+        with ctx:
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file
+        msg = str(e)
+        if "Weights only load failed" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
+            first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), "").split(". ")[0]
+            raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data, "
+                                  f"which could run code on load ({first[:160]})") from None
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint file "
+                              f"({type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''})") from None
+
+
+# --------------------------------------------------------------------------- the run's metrics log
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after `step` (they are logged again) and a torn last line of a killed run."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def set_aside_stale_metrics(path: Path) -> None:
+    """A fresh start in a directory whose earlier run died before its first checkpoint: keep that
+    run's metrics under another name instead of appending to them."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        aside = path.with_name(f"{path.stem}.before-{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}")
+        os.replace(path, aside)
+        _say(f"note: {path} of an earlier run that never checkpointed was moved to {aside.name}")

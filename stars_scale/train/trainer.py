@@ -134,6 +134,9 @@ class Trainer:
             raise UserError(f"{self.out}: already holds checkpoints; pass --resume to continue that run "
                             "or choose another --out (nothing is overwritten)")
         self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(self.out)
+        if self.resume_from is None:
+            ckpt.set_aside_stale_metrics(self.out / "metrics.jsonl")
         save_config(self.cfg, self.out / "config.yaml")
 
     def _load(self, path: Path) -> None:
@@ -169,11 +172,8 @@ class Trainer:
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
-        path = self.out / "metrics.jsonl"
-        if not self.reports or not path.is_file():
-            return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        atomic_write_text(path, "".join(line + "\n" for line in keep))
+        if self.reports:
+            ckpt.truncate_metrics(self.out / "metrics.jsonl", step)
 
     def _start_system_metrics(self) -> None:
         """One sampler per node (local rank 0), into the run every rank knows by now."""
@@ -347,6 +347,7 @@ class Trainer:
                            file=sys.stderr, mininterval=1.0)
             steps_this_run = 0
             stopped_early = False
+            save = ckpt.SaveRetry(cfg.train.max_failed_saves)
             while self.step < cfg.train.steps:
                 last = self.train_step()
                 steps_this_run += 1
@@ -366,14 +367,14 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
-                    self.save()
+                    save(self.save)
                 if self.preempt.raised or (self.stop_after_steps and steps_this_run >= self.stop_after_steps):
                     stopped_early = self.step < cfg.train.steps
                     break
             if bar is not None:
                 bar.close()
                 bar = None
-            self.save()
+            save(self.save, final=True)
             if stopped_early:
                 status = "KILLED" if self.preempt.raised else "FINISHED"
                 if self.preempt.raised:
