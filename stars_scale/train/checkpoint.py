@@ -29,6 +29,7 @@ and a retry at the next interval, and stops after `train.max_failed_saves` failu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -229,16 +230,15 @@ def _dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
 
 
-def _save_failure(root: Path, step: int, tmp: Path, err: BaseException) -> CheckpointSaveError:
+def _save_failure(root: Path, step: int, err: BaseException) -> CheckpointSaveError:
     prev = list_checkpoints(root.parent)
-    need = _dir_bytes(prev[-1]) if prev else _dir_bytes(tmp)
+    need = f"the last checkpoint took {_dir_bytes(prev[-1])} bytes" if prev else "no earlier checkpoint to size it by"
     try:
-        free = shutil.disk_usage(root).free
+        free = f"{shutil.disk_usage(root).free} bytes are free there"
     except OSError:
-        free = -1
-    reason = f"{type(err).__name__}: {err}".splitlines()[0][:200]
-    return CheckpointSaveError(f"{root / step_dir_name(step)}: checkpoint not written ({reason}); it needs about "
-                               f"{need} bytes, {free} bytes are free there")
+        free = "free space unknown"
+    reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    return CheckpointSaveError(f"{root / step_dir_name(step)}: checkpoint not written ({reason}); {need}, {free}")
 
 
 def prune(run_dir: Path, keep_last: int, up_to_step: int) -> None:
@@ -294,7 +294,7 @@ def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None
                 err = e
     ok = _all_ok(err is None)
     if not ok:
-        exc = _save_failure(root, step, tmp, err) if err is not None else None
+        exc = _save_failure(root, step, err) if err is not None else None
         if is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
         if barrier:
@@ -345,10 +345,49 @@ class SaveRetry:
         return path
 
 
+class _RecordingFile(io.FileIO):
+    """torch.save reports a failed write as a RuntimeError without the cause; keep the OSError."""
+
+    error: OSError | None = None
+
+    def write(self, b) -> int:
+        try:
+            return super().write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages in `obj` (tied weights counted once)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
 def save_tensor_file(obj: Any, path: Path) -> None:
-    torch.save(obj, path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    """torch.save + fsync; a failed write raises the OSError (ENOSPC, EFBIG, EIO) with the bytes needed."""
+    f = _RecordingFile(path, "wb")
+    try:
+        with f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:
+        cause = f.error if f.error is not None else e
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, f"{cause.strerror}; writing {Path(path).name} needs about "
+                                       f"{_tensor_bytes(obj)} bytes") from None
+        raise
 
 
 # --------------------------------------------------------------------------- loading
