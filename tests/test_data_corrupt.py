@@ -125,3 +125,12 @@ def test_missing_manifest_and_tokenizer(pristine, tmp_path):
     (tmp_path / "c.txt").write_text("hello")
     r = stars_data("prepare", tmp_path / "c.txt", "--tokenizer", tmp_path / "nope.json", "--out", tmp_path / "o")
     assert r.returncode == 2 and "nope.json: no such file" in r.stderr
+
+
+def test_training_refuses_a_shard_the_manifest_does_not_list(pristine, tmp_path):
+    ds = copy(pristine[1], tmp_path)
+    (ds / "train-000099.tar").write_bytes((ds / "train-000000.tar").read_bytes())  # dropped in by hand
+    verify_fails(ds, "train-000099.tar", "not in the manifest")
+    with pytest.raises(UserError, match=r"train-000099.tar: in the directory but not in the manifest .*training "
+                                        r"reads only listed shards"):
+        ShardSource(str(ds), 2, dp_rank=0, dp_size=1, seed=0)  # at start-up, before any step

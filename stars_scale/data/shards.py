@@ -251,6 +251,19 @@ class Manifest:
                 raise UserError(f"shard {p}: {size} bytes on disk, but the manifest lists {sh.bytes} (truncated or replaced?)")
             if size < sh.blocks * expected:
                 raise UserError(f"shard {p}: {size} bytes cannot hold the {sh.blocks} blocks the manifest lists")
+        self.check_unlisted()
+
+    def check_unlisted(self) -> None:
+        """A `*.tar` in the directory that the manifest does not list (a shard dropped in by hand, a
+        leftover of another dataset) is refused: training reads only listed shards, so it would be
+        silently ignored."""
+        assert self.directory is not None
+        listed = {sh.name for split in self.splits.values() for sh in split.shards}
+        unlisted = sorted(p.name for p in self.directory.glob("*.tar") if p.name not in listed)
+        if unlisted:
+            raise UserError(f"shard {self.directory / unlisted[0]}: in the directory but not in the manifest "
+                            f"({len(unlisted)} unlisted shard(s)); training reads only listed shards: remove it "
+                            "or write the dataset again with stars-data")
 
 
 # ---------------------------------------------------------------------------- writing

@@ -99,10 +99,8 @@ def verify_dataset(directory: str | Path, progress: Callable[[str], None] | None
             raise UserError(f"{tpath}: missing (the manifest names it as the dataset's tokenizer)")
         if tokenizer_sha256(tpath) != tok.get("sha256"):
             raise UserError(f"{tpath}: sha256 differs from the manifest's tokenizer.sha256 (tokenizer replaced?)")
-    listed = set()
     for split_name, split in manifest.splits.items():
         for shard in split.shards:
-            listed.add(shard.name)
             path = manifest.shard_path(shard)
             count = sum(1 for _ in iter_shard(manifest, shard))
             if count != shard.blocks:
@@ -120,10 +118,7 @@ def verify_dataset(directory: str | Path, progress: Callable[[str], None] | None
         if manifest.kind == "text" and stored != split.tokens + split.padding_tokens:
             raise UserError(f"{d / fmt.MANIFEST}: split {split_name} lists {split.tokens} tokens + "
                             f"{split.padding_tokens} padding, but its {split.blocks} blocks hold {stored}")
-    unlisted = sorted(p.name for p in d.glob("*.tar") if p.name not in listed)
-    if unlisted:
-        raise UserError(f"shard {d / unlisted[0]}: in the directory but not in the manifest "
-                        f"({len(unlisted)} unlisted shard(s))")
+    manifest.check_unlisted()
     return manifest
 
 

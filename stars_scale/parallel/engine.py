@@ -236,5 +236,16 @@ class Engine:
         if self.zero == 0:
             self.opt.load_state_dict(mine["engine"])
         else:
+            ckpt.check_tensor_files(path / "deepspeed", _deepspeed_pickled_globals())
             self.opt.load(path / "deepspeed", tag="state")
         return mine
+
+
+def _deepspeed_pickled_globals() -> list:
+    """The classes DeepSpeed's ZeRO checkpoint files reference: all its weights_only=False load may
+    build (checked by the restricted unpickler first, see checkpoint.check_tensor_files)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]

@@ -435,6 +435,14 @@ def load_tensor_file(path: Path, allow: Iterable[Any] = ()) -> Any:
                               f"({type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''})") from None
 
 
+def check_tensor_files(d: Path, allow: Iterable[Any] = ()) -> None:
+    """Before a library that unpickles with `weights_only=False` (DeepSpeed) reads the `*.pt` files
+    under `d`: load each with the restricted unpickler and `allow`, so a file that would build
+    anything else is refused here, in one line, before it can run."""
+    for f in sorted(Path(d).rglob("*.pt")):
+        load_tensor_file(f, allow)
+
+
 # --------------------------------------------------------------------------- the run's metrics log
 
 
