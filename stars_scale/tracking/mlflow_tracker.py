@@ -14,12 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 log = logging.getLogger("stars_scale.tracking")
 
@@ -35,23 +37,93 @@ def default_tracking_uri(configured: str | None = None) -> str:
 
 def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    # MLflow's own HTTP retries (7 tries, exponential backoff, 120 s timeouts) would hold a request
+    # for minutes when the server is down; the tracker retries on its own schedule instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     for name in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def _is_remote(uri: str) -> bool:
+    return urlsplit(uri).scheme in ("http", "https")
+
+
+def _probe(uri: str, timeout: float) -> None:
+    """Fail fast (ConnectionError) when a remote server's port does not accept connections."""
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConnectionError(f"cannot connect to {parts.hostname}:{port} ({e.strerror or e})") from None
+
+
+def _bounded(fn, timeout: float | None, what: str):
+    """Run `fn` on a helper thread and wait at most `timeout` seconds (None: no bound) for it."""
+    if timeout is None:
+        return fn()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="mlflow-connect", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        raise TimeoutError(f"{what}: no answer within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 class MlflowTracker:
-    """Async, buffered MLflow logging for one run (create it on the metrics rank only)."""
+    """Async, buffered MLflow logging for one run (create it on the metrics rank only).
+
+    Opening the run against a remote server is bounded: a port that refuses connections fails
+    at once, and a server that does not answer within `connect_timeout` seconds is given up
+    (the request finishes or fails on a helper thread), so a dead server costs training seconds,
+    not minutes.
+    """
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str | None = None,
                  run_id: str | None = None, tags: dict[str, str] | None = None,
                  max_buffer: int = 100_000, batch_size: int = 500, flush_interval: float = 1.0,
-                 parent_run_id: str | None = None, mark_running: bool = True):
+                 parent_run_id: str | None = None, mark_running: bool = True, connect_timeout: float = 5.0):
+        remote = _is_remote(tracking_uri)
+        if remote:  # before importing mlflow (seconds on a busy machine)
+            _probe(tracking_uri, min(connect_timeout, 3.0))
         _quiet_mlflow()
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = _bounded(lambda: self._open(experiment, run_name, run_id, tags, parent_run_id, mark_running),
+                               connect_timeout if remote else None, f"MLflow at {tracking_uri}")
+        self._mlflow = mlflow
+        self._queue: queue.Queue = queue.Queue()
+        self._pending: deque = deque()
+        self._max_buffer = max_buffer
+        self._batch_size = batch_size
+        self._interval = flush_interval
+        self._dropped = 0
+        self._failures = 0
+        self._delivered = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # the worker and flush() both deliver
+        self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    def _open(self, experiment: str, run_name: str | None, run_id: str | None, tags: dict[str, str] | None,
+              parent_run_id: str | None, mark_running: bool) -> str:
+        """Create (or reopen) the run on the server; returns its id."""
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -74,20 +146,7 @@ class MlflowTracker:
             if tags:
                 for k, v in tags.items():
                     self.client.set_tag(run_id, k, v)
-        self.run_id = run_id
-        self._mlflow = mlflow
-        self._queue: queue.Queue = queue.Queue()
-        self._pending: deque = deque()
-        self._max_buffer = max_buffer
-        self._batch_size = batch_size
-        self._interval = flush_interval
-        self._dropped = 0
-        self._failures = 0
-        self._delivered = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()  # the worker and flush() both deliver
-        self._thread = threading.Thread(target=self._worker, name="mlflow-tracker", daemon=True)
-        self._thread.start()
+        return run_id
 
     # ------------------------------------------------------------------ producer side (cheap)
 
@@ -179,7 +238,7 @@ class MlflowTracker:
             time.sleep(min(1.0, max(0.0, deadline - time.time())))
         return False
 
-    def close(self, status: str = "FINISHED", timeout: float = 60.0, terminate: bool = True) -> None:
+    def close(self, status: str = "FINISHED", timeout: float = 20.0, terminate: bool = True) -> None:
         """Flush (within `timeout`) and, unless `terminate=False`, mark the run ended with `status`."""
         self._stop.set()
         self._thread.join(timeout=10)
