@@ -157,3 +157,17 @@ def test_tampered_converted_checkpoint(tmp_path, llama_dir):
     save_file(w, str(tmp_path / "ckpt" / "model.safetensors"))
     with pytest.raises(UserError, match=r"model\.safetensors: tensor core\.0\.attn\.q_proj\.weight has shape"):
         export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "out")
+
+
+@pytest.mark.parametrize("key,value", [("hidden_size", 64), ("vocab_size", 7), ("num_hidden_layers", 99),
+                                       ("tie_word_embeddings", "flip")])
+def test_hf_config_whose_top_level_disagrees_with_its_stars_scale_section(tmp_path, llama_dir, capsys, key, value):
+    import_checkpoint("llama", llama_dir, tmp_path / "ckpt", core="1-2")
+    export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    value = (not cfg[key]) if value == "flip" else value
+    cfg[key] = value
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    line = cli_error(capsys, ["import", "--from", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "out")])
+    assert "config.json" in line and f"{key} is {value!r}" in line and "disagree" in line
+    assert not (tmp_path / "out").exists()

@@ -32,19 +32,26 @@ def import_native(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
         run = config_from_dict({k: v for k, v in block.items() if k in ("model", "depth")})
     except ConfigError as e:
         raise UserError(f"{cp}: stars_scale section: {e}") from None
+    for key, want in _hf_keys(run.model).items():
+        if key in src.config and src.config[key] != want:
+            raise UserError(f"{cp}: {key} is {src.config[key]!r} but the stars_scale section's model gives {want!r}; "
+                            "the two disagree (edited by hand?): make them agree or re-export")
     sd = {name: src.get(name, shape) for name, shape in expected_shapes(run.model).items()}
     src.require_all_used(MODEL_TYPE)
     return run, sd, {}
 
 
+def _hf_keys(m) -> dict[str, Any]:
+    """The usual HF config.json keys, derived from the ModelConfig (written on export, checked on import)."""
+    return {"hidden_size": m.hidden, "num_attention_heads": m.heads, "num_key_value_heads": m.kv_heads or m.heads,
+            "num_hidden_layers": m.n_prelude + m.n_core + m.n_coda, "vocab_size": m.vocab_size,
+            "max_position_embeddings": m.max_seq_len, "tie_word_embeddings": m.tie_embeddings}
+
+
 def export_native(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     m = run.model
     config = {
-        "architectures": [ARCH], "model_type": MODEL_TYPE,
-        "hidden_size": m.hidden, "num_attention_heads": m.heads,
-        "num_key_value_heads": m.kv_heads or m.heads,
-        "num_hidden_layers": m.n_prelude + m.n_core + m.n_coda, "vocab_size": m.vocab_size,
-        "max_position_embeddings": m.max_seq_len, "tie_word_embeddings": m.tie_embeddings,
+        "architectures": [ARCH], "model_type": MODEL_TYPE, **_hf_keys(m),
         "torch_dtype": str(sd["embed.weight"].dtype).replace("torch.", ""),
         "stars_scale": {"model": dataclasses.asdict(m), "depth": dataclasses.asdict(run.depth)},
     }
