@@ -87,9 +87,17 @@ def check_module(value: str) -> str:
     return value
 
 
+# One sbatch option as it goes on an #SBATCH line: --long-name[=value] or -X[value], the value
+# from a conservative character set (node lists, times, sizes, emails, paths; no spaces, quotes,
+# ';', '$', backticks or '#').
+_SBATCH_VALUE = r"[A-Za-z0-9_.,:@%/+=\[\]*-]+"
+_SBATCH_OPT = re.compile(rf"^(--[A-Za-z][A-Za-z0-9-]*(={_SBATCH_VALUE})?|-[A-Za-z]({_SBATCH_VALUE})?)$")
+
+
 def check_sbatch_arg(value: str) -> str:
-    if not value.startswith("-") or "\n" in value:
-        raise UserError(f"--sbatch {value!r}: expected one sbatch option such as --qos=high")
+    if not _SBATCH_OPT.match(value):
+        raise UserError(f"--sbatch {value[:80]!r}: expected one sbatch option such as --qos=high "
+                        "(--name=value or -Xvalue; letters, digits and _.,:@%/+=[]*- only, no spaces)")
     return value
 
 
