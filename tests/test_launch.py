@@ -150,10 +150,10 @@ def test_rendered_scripts_are_valid_bash(no_cluster, capsys):
     ("{}\n", ["--nodes", "1", "--out", "has space"], "the path must not contain whitespace"),
     ("{}\n", ["--nodes", "1", "--python", "python3"], "--python 'python3': expected an absolute path"),
     ("{}\n", ["--nodes", "1", "--sbatch", "qos=high"], "--sbatch 'qos=high': expected one sbatch option"),
-    ("{}\n", ["--nodes", "1", "--sbatch", "--qos=high; touch /tmp/x"], "expected one sbatch option"),
-    ("{}\n", ["--nodes", "1", "--sbatch", "--comment=$(id)"], "expected one sbatch option"),
+    ("{}\n", ["--nodes", "1", "--sbatch=--qos=high; touch /tmp/x"], "expected one sbatch option"),
+    ("{}\n", ["--nodes", "1", "--sbatch=--comment=$(id)"], "expected one sbatch option"),
     ("{}\n", ["--nodes", "1", "--sbatch=-p gpu"], "expected one sbatch option"),
-    ("{}\n", ["--nodes", "1", "--sbatch", "--qos=high\n#SBATCH --x"], "expected one sbatch option"),
+    ("{}\n", ["--nodes", "1", "--sbatch=--qos=high\n#SBATCH --x"], "expected one sbatch option"),
     ("{}\n", ["--nodes", "1", "--module", "not a module"], "--module 'not a module'"),
 ])
 def test_bad_input_is_one_clear_line(no_cluster, capsys, config, argv, needle):
