@@ -32,7 +32,7 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # lm-evaluation-harness for `stars-eval lm` (pinned: the StarsLM adapter follows its LM API)
         "eval": ["lm-eval==0.4.13"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "lm-eval==0.4.13"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "lm-eval==0.4.13", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [

@@ -8,6 +8,7 @@ import pytest
 from test_data_helpers import make_dataset, rewrite_shard, stars_data
 
 from stars_scale.data.loader import ShardSource
+from stars_scale.data.shards import sha256_file
 from stars_scale.errors import UserError
 
 
@@ -62,6 +63,7 @@ def test_block_of_the_wrong_size_also_stops_the_loader(pristine, tmp_path):
     # make the manifest agree on sizes, so only reading the block can find the problem
     m = json.loads((ds / "manifest.json").read_text())
     m["splits"]["train"]["shards"][0]["bytes"] = shard.stat().st_size
+    m["splits"]["train"]["shards"][0]["sha256"] = sha256_file(shard)  # (the loader checks it before reading)
     (ds / "manifest.json").write_text(json.dumps(m))
     src = ShardSource(str(ds), 4, dp_rank=0, dp_size=1, seed=0, num_workers=2, shuffle_buffer=0)
     with pytest.raises(UserError, match=r"shard .*train-000000.tar: sample 0000000003 block has 30 bytes, "
@@ -134,3 +136,15 @@ def test_training_refuses_a_shard_the_manifest_does_not_list(pristine, tmp_path)
     with pytest.raises(UserError, match=r"train-000099.tar: in the directory but not in the manifest .*training "
                                         r"reads only listed shards"):
         ShardSource(str(ds), 2, dp_rank=0, dp_size=1, seed=0)  # at start-up, before any step
+
+
+def test_a_bit_flip_that_still_decodes_is_refused_by_the_loader(pristine, tmp_path):
+    ds = copy(pristine[1], tmp_path)
+    shard = ds / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[512] ^= 0x01  # the first token of the first block: still a digit, inside the vocabulary
+    shard.write_bytes(bytes(data))
+    src = ShardSource(str(ds), 4, dp_rank=0, dp_size=1, seed=0, shuffle_buffer=0)
+    with pytest.raises(UserError, match=r"train-000001.tar: sha256 differs from the manifest"):
+        for _ in range(src.epoch_blocks() // 4 + 2):
+            src.next_batch()

@@ -30,6 +30,7 @@ every evaluation can see the same batches.
 from __future__ import annotations
 
 import copy
+import os
 import multiprocessing as mp
 import tarfile
 from dataclasses import dataclass
@@ -93,6 +94,23 @@ def _clean(e: BaseException) -> str:
     return msg.split(" @ ")[0]
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verify_shard(shard: fmt.ShardInfo, path: str) -> None:
+    """The shard's sha256 against the manifest, once per process and file version, before any of
+    its blocks is used: a flipped bit that still decodes (an id inside the vocabulary, a mask
+    byte) is refused instead of trained on."""
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns, shard.sha256)
+    if key in _VERIFIED:
+        return
+    if fmt.sha256_file(Path(path)) != shard.sha256:
+        raise UserError(f"shard {path}: sha256 differs from the manifest (corrupt or rewritten); "
+                        "stars-data inspect --verify checks the whole dataset")
+    _VERIFIED.add(key)
+
+
 def read_blocks(manifest: fmt.Manifest, shards: list[fmt.ShardInfo], start: int
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """(position, block, mask) for positions >= start of the concatenation of `shards`.
@@ -141,6 +159,8 @@ def read_blocks(manifest: fmt.Manifest, shards: list[fmt.ShardInfo], start: int
         count += 1
         if count > todo[idx].blocks:
             raise mismatch(idx, count)
+        if count == 1:
+            _verify_shard(todo[idx], paths[idx])
         if idx == 0 and count <= skip:
             continue
         block, mask = fmt.decode_sample(sample, manifest, paths[idx])
