@@ -64,6 +64,14 @@ def flip_bit(path: Path, offset: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
+def make_legacy(ckpt_dir: Path) -> None:
+    """What a checkpoint written before manifests looks like: no manifest.json, no format marker."""
+    (ckpt_dir / "manifest.json").unlink()
+    state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+    state.pop("checkpoint_format")
+    (ckpt_dir / "trainer_state.json").write_text(json.dumps(state))
+
+
 class Payload:
     """Unpickling this runs `open(marker, 'w')`: what a malicious checkpoint would do."""
 
@@ -94,8 +102,13 @@ def test_pickle_payload_is_refused_not_run(tmp_path, cfg_file, capsys):
     assert eval_cli.main(["depth", "--checkpoint", str(last), "--depths", "1"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "model.pt: " in line and "the manifest says" in line
-    # without it (a legacy checkpoint, or a forged manifest): the restricted unpickler refuses it
+    # a lost manifest is noticed
     (last / "manifest.json").unlink()
+    assert eval_cli.main(["depth", "--checkpoint", str(last), "--depths", "1"]) == 2
+    assert "manifest.json: missing" in one_error_line(capsys.readouterr().err)
+    # a legacy checkpoint (no manifest, no marker): the restricted unpickler refuses the payload
+    (last / "manifest.json").write_text("{}")
+    make_legacy(last)
     with pytest.raises(ckpt.CheckpointError, match="refused: it holds Python objects"):
         ckpt.load_tensor_file(last / "model.pt")
     assert eval_cli.main(["depth", "--checkpoint", str(last), "--depths", "1"]) == 2
@@ -109,7 +122,7 @@ def test_payload_in_a_subprocess_eval_never_runs(tmp_path, cfg_file):
     marker = tmp_path / "PWNED"
     with open(last / "model.pt", "wb") as f:
         pickle.dump(Payload(str(marker)), f)
-    (last / "manifest.json").unlink()
+    make_legacy(last)
     res = subprocess.run([sys.executable, "-m", "stars_scale.cli.eval", "depth", "--checkpoint", str(last),
                           "--depths", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 2 and not marker.exists()
@@ -170,7 +183,7 @@ def test_legacy_checkpoint_without_manifest_still_resumes(tmp_path, cfg_file):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--stop-after-steps", "2") == 0
     for p in (out / "checkpoints").glob("step_*/manifest.json"):
-        p.unlink()
+        make_legacy(p.parent)
     assert train(cfg_file, out, "--resume") == 0
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
 

@@ -178,6 +178,9 @@ def verify_checkpoint(ckpt: Path) -> None:
     if manifest is None:
         if not (ckpt / "model.pt").is_file():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST_FILE} and no model.pt)")
+        if "checkpoint_format" in load_state(ckpt):
+            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: missing (the checkpoint was written with one)")
+        _say(f"note: {ckpt} has no {MANIFEST_FILE} (written before checkpoints carried one): loading it unverified")
     else:
         for rel, meta in manifest["files"].items():
             f = ckpt / rel
@@ -193,6 +196,9 @@ def verify_checkpoint(ckpt: Path) -> None:
                 raise CheckpointError(f"{f}: sha256 differs from the manifest (the file is corrupt)")
         if STATE_FILE not in manifest["files"]:
             raise CheckpointError(f"{ckpt / MANIFEST_FILE}: does not list {STATE_FILE}")
+        if manifest.get("step") != load_state(ckpt)["step"]:
+            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: step {manifest.get('step')!r} is not the step of "
+                                  f"its {STATE_FILE}")
     load_state(ckpt)
 
 
@@ -287,6 +293,7 @@ def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None
             barrier()
         if _all_ok(err is None) and is_writer:
             try:
+                state = {**state, "checkpoint_format": MANIFEST_FORMAT}  # a lost manifest is then noticed
                 atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
                 write_manifest(tmp, step)
                 _fsync_dir(tmp)
