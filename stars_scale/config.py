@@ -242,10 +242,17 @@ class TrainConfig:
     # a checkpoint save that fails (disk full, I/O error) warns and is retried at the next
     # interval; this many failures in a row stop the run
     max_failed_saves: int = 3
+    # a step whose loss or global gradient norm is not finite is skipped (no update); after
+    # max_skips in a row: skip -> stop, rollback -> reload the newest verified checkpoint with the
+    # learning rate scaled by rollback_lr_scale, stop -> stop at the first one
+    nonfinite: Literal["skip", "rollback", "stop"] = "skip"
+    max_skips: int = 3
+    rollback_lr_scale: float = 0.5
 
     def validate(self, at: str = "train") -> None:
         _range(self, at, 1, _MAX_INT, "steps", "grad_accum", "log_every", "keep_last", "max_failed_saves")
-        _range(self, at, 0, _MAX_INT, "ckpt_every", "eval_every")
+        _range(self, at, 0, _MAX_INT, "ckpt_every", "eval_every", "max_skips")
+        _range(self, at, 0.0, 1.0, "rollback_lr_scale", lo_open=True)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def test_checkpoint_has_a_manifest_and_verifies(tmp_path, cfg_file):
     assert names == ["step_00000002", "step_00000003", "step_00000004"]  # keep_last 3, pruned in order
     last = tmp_path / "r" / "checkpoints" / "step_00000004"
     manifest = json.loads((last / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.pt", "optimizer.pt", "rng.pt", "config.yaml", "trainer_state.json"}
+    assert set(manifest["files"]) == {"model.pt", "rank_00000.pt", "config.yaml", "trainer_state.json"}
     ckpt.verify_checkpoint(last)
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -129,7 +129,7 @@ def test_payload_in_a_subprocess_eval_never_runs(tmp_path, cfg_file):
     one_error_line(res.stderr)
 
 
-@pytest.mark.parametrize("victim", ["model.pt", "optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml"])
+@pytest.mark.parametrize("victim", ["model.pt", "rank_00000.pt", "trainer_state.json", "config.yaml"])
 def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, cfg_file, capsys, victim):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--stop-after-steps", "3") == 0
@@ -243,7 +243,7 @@ def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, m
 
     def flaky(obj, path):
         calls["n"] += 1
-        if Path(path).name == "optimizer.pt" and "step_00000002" in str(path):
+        if Path(path).name == "rank_00000.pt" and "step_00000002" in str(path):
             raise OSError(28, "No space left on device")
         real(obj, path)
 
@@ -286,14 +286,14 @@ def test_file_size_limit_gives_one_line_and_keeps_the_previous_checkpoint(tmp_pa
     """A real I/O failure (EFBIG from RLIMIT_FSIZE) in a real process, no monkeypatching."""
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=1") == 0
-    limit = (out / "checkpoints" / "step_00000001" / "model.pt").stat().st_size + 1024  # optimizer.pt won't fit
+    limit = (out / "checkpoints" / "step_00000001" / "model.pt").stat().st_size + 1024  # the rank file won't fit
     res = subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", str(cfg_file), "--out", str(out),
                           "--resume", "--set", "train.steps=3", "--set", "train.max_failed_saves=5"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
                          preexec_fn=_limit_file_size(limit))
     assert res.returncode == 2, res.stderr
     line = one_error_line(res.stderr)
-    assert "final checkpoint was not saved" in line and "File too large; writing optimizer.pt needs about" in line
+    assert "final checkpoint was not saved" in line and "File too large; writing rank_00000.pt needs about" in line
     assert "step_00000002: checkpoint not written" in res.stderr  # the periodic one warned, training went on
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000001"]
     ckpt.verify_checkpoint(out / "checkpoints" / "step_00000001")

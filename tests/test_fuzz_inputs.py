@@ -351,7 +351,7 @@ def checkpoint(tmp_path_factory):
     return tmp / "run" / "checkpoints" / "step_00000001"
 
 
-CKPT_FILES = ["model.pt", "optimizer.pt", "rng.pt", "trainer_state.json", "config.yaml", "manifest.json"]
+CKPT_FILES = ["model.pt", "rank_00000.pt", "trainer_state.json", "config.yaml", "manifest.json"]
 
 
 @st.composite

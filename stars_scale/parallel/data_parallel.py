@@ -77,6 +77,10 @@ class PlainDataParallel:
         # peer too; like torch's AdamW on one process, the update skips it.
         self._allreduce_grads()
         norm = global_grad_norm(self.params, self.ps)
+        if not math.isfinite(norm):  # the same on every rank: skip the update (train/nonfinite.py)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return norm
         clip = self.cfg.optim.grad_clip
         if clip > 0 and math.isfinite(norm):
             coef = clip / (norm + 1e-6)
@@ -92,6 +96,12 @@ class PlainDataParallel:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def scale_lr(self, factor: float) -> None:
+        """Scale the whole schedule (a rollback after non-finite steps); kept in the scheduler state."""
+        self.scheduler.base_lrs = [b * factor for b in self.scheduler.base_lrs]
+        for g in self.optimizer.param_groups:
+            g["lr"] *= factor
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

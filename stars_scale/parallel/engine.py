@@ -179,6 +179,14 @@ class Engine:
         """Average over dp, clip by the global norm, update, advance the schedule; the norm."""
         return self.opt.step()
 
+    @property
+    def can_skip_steps(self) -> bool:
+        """Whether a non-finite step leaves the weights untouched (zero 0; DeepSpeed steps in backward)."""
+        return self.zero == 0
+
+    def scale_lr(self, factor: float) -> None:
+        self.opt.scale_lr(factor)
+
     def reduce_metrics(self, results: list[MicroResult]) -> dict:
         """loss, ce, penalty, rho (means over the step's microbatches, all DP ranks) and tokens,
         from the last stage to every rank."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 import subprocess
@@ -35,6 +34,7 @@ from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.host_malloc import keep_freed_memory
+from stars_scale.train.nonfinite import NonFiniteGuard
 from stars_scale.train.step import split_microbatches
 from stars_scale.utils import atomic_write_text, flatten_dict
 
@@ -139,7 +139,7 @@ class Trainer:
             ckpt.set_aside_stale_metrics(self.out / "metrics.jsonl")
         save_config(self.cfg, self.out / "config.yaml")
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, keep_metrics: bool = False) -> None:
         state = ckpt.load_state(path)
         saved_cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
         if saved_cfg is not None and saved_cfg.model != self.cfg.model:
@@ -153,7 +153,8 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.run_id = state.get("mlflow_run_id")
-        self._truncate_metrics(self.step)
+        if not keep_metrics:
+            self._truncate_metrics(self.step)
 
     def _init_from_converted(self, model: LoopedLM, path: str) -> None:
         """Continued pretraining: weights from `stars-convert import` output (optimizer starts fresh)."""
@@ -348,12 +349,15 @@ class Trainer:
             steps_this_run = 0
             stopped_early = False
             save = ckpt.SaveRetry(cfg.train.max_failed_saves)
+            guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skips, self.engine.can_skip_steps)
             while self.step < cfg.train.steps:
                 last = self.train_step()
                 steps_this_run += 1
-                if not math.isfinite(last["loss"]):
-                    raise UserError(f"training diverged at step {self.step}: loss is {last['loss']} "
-                                    "(lower optim.lr or stars.lam)")
+                action = guard.after_step(self.step, last["loss"], last["grad_norm"])
+                last["skipped_steps"] = guard.skipped
+                if action == "rollback":
+                    self._rollback(last)
+                    continue
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     last.update(self.validate())
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
@@ -392,6 +396,20 @@ class Trainer:
                 # a preempted run stays RUNNING in MLflow: the requeued job continues it
                 self.tracker.close(status="RUNNING" if self.preempt.raised else status)
             self.preempt.restore()  # only now: a second TERM must not cut the flush short
+
+    def _rollback(self, last: dict[str, Any]) -> None:
+        """Back to the newest verified checkpoint with the learning rate scaled (train/nonfinite.py)."""
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            raise UserError(f"step {self.step}: non-finite steps and no checkpoint in {self.out / 'checkpoints'} "
+                            "to roll back to (set train.ckpt_every)")
+        self._log(last)  # the step that triggered it stays on record
+        scale = self.cfg.train.rollback_lr_scale
+        if self.reports:
+            print(f"step {self.step}: {self.cfg.train.max_skips + 1} non-finite steps in a row; rolling back to "
+                  f"{path.name} with the learning rate scaled by {scale}", file=sys.stderr)
+        self._load(path, keep_metrics=True)
+        self.engine.scale_lr(scale)
 
     def _requeue(self) -> None:
         job = os.environ.get("SLURM_JOB_ID")
