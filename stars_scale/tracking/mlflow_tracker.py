@@ -128,8 +128,8 @@ class MlflowTracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 artifact_location = None
-                if tracking_uri.startswith("sqlite:///"):
-                    db = Path(tracking_uri[len("sqlite:///"):])
+                if self.tracking_uri.startswith("sqlite:///"):
+                    db = Path(self.tracking_uri[len("sqlite:///"):])
                     artifact_location = (db.parent / "mlruns").resolve().as_uri()
                 exp_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
             else:

@@ -36,7 +36,7 @@ from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.nonfinite import NonFiniteGuard
 from stars_scale.train.step import split_microbatches
-from stars_scale.utils import atomic_write_text, flatten_dict
+from stars_scale.utils import flatten_dict
 
 
 def git_commit() -> str | None:
