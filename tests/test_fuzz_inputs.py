@@ -291,8 +291,8 @@ def shard_corruption(draw) -> tuple[str, str, int, int]:
     return shard, op, draw(st.integers(min_value=0, max_value=10**9)), draw(st.integers(min_value=0, max_value=7))
 
 
-def corrupt_shard(ds: Path, shard: str, op: str, pos: int, bit: int) -> None:
-    p = ds / shard
+def corrupt_bytes(p: Path, op: str, pos: int, bit: int) -> None:
+    """Flip one bit, cut, append to, zero, randomise or empty the file `p`."""
     data = bytearray(p.read_bytes())
     if op == "flip":
         data[pos % len(data)] ^= 1 << bit
@@ -304,13 +304,18 @@ def corrupt_shard(ds: Path, shard: str, op: str, pos: int, bit: int) -> None:
         data = bytearray(len(data))
     elif op == "random":
         data = bytearray(os.urandom(len(data)))
-    elif op == "extra":
-        (ds / "train-000099.tar").write_bytes(bytes(data))
-        return
-    elif op == "delete":
-        p.unlink()
-        return
+    elif op == "empty":
+        data = bytearray()
     p.write_bytes(bytes(data))
+
+
+def corrupt_shard(ds: Path, shard: str, op: str, pos: int, bit: int) -> None:
+    if op == "extra":
+        shutil.copyfile(ds / shard, ds / "train-000099.tar")
+    elif op == "delete":
+        (ds / shard).unlink()
+    else:
+        corrupt_bytes(ds / shard, op, pos, bit)
 
 
 def test_corrupt_shards_stop_training_with_one_line(tmp_path, dataset, workdir):
@@ -362,23 +367,13 @@ def ckpt_corruption(draw) -> tuple[str, str, int, int]:
 
 
 def corrupt_checkpoint(d: Path, f: str, op: str, pos: int, bit: int) -> None:
-    p = d / f
-    data = bytearray(p.read_bytes())
-    if op == "flip":
-        data[pos % len(data)] ^= 1 << bit
-    elif op == "truncate":
-        data = data[: pos % len(data)]
-    elif op == "append":
-        data += b"\x00" * (1 + pos % 100)
-    elif op == "delete":
-        p.unlink()
-        return
-    elif op == "empty":
-        data = bytearray()
+    if op == "delete":
+        (d / f).unlink()
     elif op == "swap":  # another file of the same checkpoint under this name
         other = CKPT_FILES[(CKPT_FILES.index(f) + 1 + pos % (len(CKPT_FILES) - 1)) % len(CKPT_FILES)]
-        data = bytearray((d / other).read_bytes())
-    p.write_bytes(bytes(data))
+        shutil.copyfile(d / other, d / f)
+    else:
+        corrupt_bytes(d / f, op, pos, bit)
 
 
 def test_corrupt_checkpoints_are_refused_in_one_line(tmp_path, checkpoint, workdir):

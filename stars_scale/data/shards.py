@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from stars_scale.errors import UserError
-from stars_scale.utils import StagedDir, atomic_write_json, current_umask
+from stars_scale.utils import StagedDir, atomic_write_json, current_umask, sha256_file  # noqa: F401 (fmt.sha256_file)
 
 FORMAT = "stars-shards"
 VERSION = 1
@@ -75,14 +75,6 @@ def parse_size(text: str) -> int:
     if unit not in units or value <= 0:
         raise UserError(f"size {text!r}: expected a positive number with an optional unit (KB, MB, GB, KiB, MiB, GiB)")
     return int(value * units[unit])
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- manifest

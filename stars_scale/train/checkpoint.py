@@ -28,7 +28,6 @@ and a retry at the next interval, and stops after `train.max_failed_saves` failu
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -43,7 +42,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from stars_scale.errors import UserError
-from stars_scale.utils import _fsync_dir, atomic_write_text
+from stars_scale.utils import _fsync_dir, atomic_write_text, sha256_file
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
@@ -134,14 +133,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
 # --------------------------------------------------------------------------- manifest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files_under(d: Path) -> Iterable[Path]:
     for p in sorted(d.rglob("*")):
         if p.is_file() and p.name != MANIFEST_FILE:
@@ -149,7 +140,7 @@ def _files_under(d: Path) -> Iterable[Path]:
 
 
 def write_manifest(d: Path, step: int) -> None:
-    files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files_under(d)}
+    files = {p.relative_to(d).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files_under(d)}
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     atomic_write_text(d / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
 
@@ -192,7 +183,7 @@ def verify_checkpoint(ckpt: Path) -> None:
                 raise CheckpointError(f"{f}: missing from the checkpoint (listed in its manifest)") from None
             if size != meta["size"]:
                 raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['size']} (truncated or replaced)")
-            if _sha256(f) != meta["sha256"]:
+            if sha256_file(f) != meta["sha256"]:
                 raise CheckpointError(f"{f}: sha256 differs from the manifest (the file is corrupt)")
         if STATE_FILE not in manifest["files"]:
             raise CheckpointError(f"{ckpt / MANIFEST_FILE}: does not list {STATE_FILE}")
