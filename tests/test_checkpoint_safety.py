@@ -167,7 +167,7 @@ def test_exponent_flip_in_weights_is_caught_before_training(tmp_path, cfg_file, 
 
 
 @pytest.mark.parametrize("state", ["{}", "[]", '{"step": -1, "scheduler": {}, "data": {}}', "not json",
-                                   '{"step": 1, "scheduler": 3, "data": {}}'])
+                                   '{"step": "1"}'])
 def test_bad_trainer_state_of_a_legacy_checkpoint_is_one_line(tmp_path, cfg_file, capsys, state):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=1") == 0
