@@ -87,6 +87,9 @@ class ModelConfig:
     # Ouro's early-exit gate: Linear(hidden, 1) on the state after each iteration. Kept as an
     # optional head (LoopedLM.exit_logits); it does not enter the LM loss.
     exit_gate: bool = False
+    # Fused CUDA kernels (csrc/, stars_scale/kernels): auto uses them on CUDA when the extension
+    # is built; torch never; cuda requires them (a config error where they are not built).
+    kernels: Literal["auto", "torch", "cuda"] = "auto"
 
     def validate(self, at: str = "model") -> None:
         _range(self, at, 1, _MAX_WIDTH, "vocab_size", "hidden", "heads", "max_seq_len", "mlp_hidden")
@@ -156,6 +159,9 @@ class StarsConfig:
     normalize: Literal["tensor", "token"] = "tensor"
     fd_eps: Optional[float] = None  # None: chosen from the dtype
     estimate_every: int = 1  # compute rho-hat every N steps while the penalty is off
+    # Under bf16/fp16 autocast: fp32 runs the estimator's core evaluations in fp32 (accurate);
+    # autocast keeps the step's dtype (cheaper; fd loses most digits, see stars/jacobian.py).
+    probe_precision: Literal["fp32", "autocast"] = "fp32"
 
     def validate(self, at: str = "stars") -> None:
         _range(self, at, 0.0, _MAX_FLOAT, "lam")

@@ -9,27 +9,46 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from stars_scale import kernels
 from stars_scale.config import ModelConfig
 from stars_scale.model.attention import attend, attend_cached
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    """`norm(x)`, or `norm(x + residual)` in one fused kernel when `kernels` allows it."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, kernels: str = "torch"):
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if kernels.fused(self.kernels, x):
+            return kernels.add_norm(x, residual, self.weight, None, self.eps, rms=True)
+        xf = (x if residual is None else x + residual).float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return out.type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with the same optional fused residual add as RMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, kernels: str = "torch"):
+        super().__init__(dim, eps=eps, bias=bias)
+        self.kernels = kernels
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if kernels.fused(self.kernels, x):
+            return kernels.add_norm(x, residual, self.weight, self.bias, self.eps, rms=False)
+        return super().forward(x if residual is None else x + residual)
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.hidden
     if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps)
-    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+        return RMSNorm(dim, cfg.norm_eps, cfg.kernels)
+    return LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias, kernels=cfg.kernels)
 
 
 def rope_cache(head_dim: int, max_seq_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +66,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str = "torch") -> torch.Tensor:
+    """RoPE through the fused kernel when `mode` allows it on x, else `apply_rope`."""
+    return kernels.rope(x, cos, sin) if kernels.fused(mode, x) else apply_rope(x, cos, sin)
 
 
 def qkv_bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
@@ -73,6 +97,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.backend = cfg.attention
         self.dropout = cfg.dropout
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache=None) -> torch.Tensor:
@@ -89,7 +114,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = rotary(q, *rope, self.kernels), rotary(k, *rope, self.kernels)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             y = attend_cached(q, k, v, self.backend)
@@ -117,8 +142,13 @@ class MLP(nn.Module):
         else:
             self.up_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
         self.down_proj = nn.Linear(inner, cfg.hidden, bias=cfg.bias)
+        self.kernels = cfg.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fused(self.kernels, x):  # the fused activations read the cat(gate, up) layout
+            if self.kind == "swiglu":
+                return self.down_proj(kernels.swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+            return self.down_proj(kernels.gelu(self.up_proj(x)))
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x)))
@@ -128,7 +158,8 @@ class Block(nn.Module):
     """One transformer block with `pre`, `sandwich` (Huginn/STARS), `post` or `peri` (Ouro) norms.
 
     pre:      x = x + attn(n1(x));        x = x + mlp(n2(x))
-    sandwich: x = n2(x + attn(n1(x)));    x = n4(x + mlp(n3(x)))   (norm on the residual stream)
+    sandwich: x = n2(x + attn(n1(x)));    x = n4(x + mlp(n3(x)))   (norm on the residual stream;
+              the add and the norm are one fused kernel when model.kernels allows)
     post:     x = n1(x + attn(x));        x = n2(x + mlp(x))
     peri:     x = x + n2(attn(n1(x)));    x = x + n4(mlp(n3(x)))   (norm on each sublayer output)
     """
@@ -151,10 +182,10 @@ class Block(nn.Module):
             x = x + self.drop(self.attn(self.norm1(x), rope, kv_cache))
             return x + self.drop(self.mlp(self.norm2(x)))
         if self.placement == "sandwich":
-            x = self.norm2(x + self.drop(self.attn(self.norm1(x), rope, kv_cache)))
-            return self.norm4(x + self.drop(self.mlp(self.norm3(x))))
+            x = self.norm2(x, self.drop(self.attn(self.norm1(x), rope, kv_cache)))
+            return self.norm4(x, self.drop(self.mlp(self.norm3(x))))
         if self.placement == "peri":
             x = x + self.drop(self.norm2(self.attn(self.norm1(x), rope, kv_cache)))
             return x + self.drop(self.norm4(self.mlp(self.norm3(x))))
-        x = self.norm1(x + self.drop(self.attn(x, rope, kv_cache)))
-        return self.norm2(x + self.drop(self.mlp(x)))
+        x = self.norm1(x, self.drop(self.attn(x, rope, kv_cache)))
+        return self.norm2(x, self.drop(self.mlp(x)))

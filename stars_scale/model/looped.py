@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from stars_scale import kernels
 from stars_scale.config import ModelConfig
 from stars_scale.model.layers import Block, make_norm, rope_cache
 
@@ -40,6 +41,7 @@ class LoopedLM(nn.Module):
         if cfg.injection == "none" and cfg.init_state != "embed":
             raise ValueError("model.injection=none needs model.init_state=embed "
                              "(otherwise the input never reaches the recurrence)")
+        kernels.check_mode(cfg.kernels)  # model.kernels=cuda without the built extension: one clear line
         self.cfg = cfg
         h = cfg.hidden
         self.embed = nn.Embedding(cfg.vocab_size, h)

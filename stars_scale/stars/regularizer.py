@@ -70,7 +70,7 @@ def core_map_penalty(model, state: torch.Tensor, embedded: torch.Tensor, cfg: St
     with without_checkpointing(model):
         return spectral_penalty(core_map(model, e, probe.seed), h, cfg.method, iters or cfg.iters,
                                 normalize=cfg.normalize, eps=cfg.fd_eps, create_graph=create_graph,
-                                generator=generator)
+                                generator=generator, precision=cfg.probe_precision, kernels=model.cfg.kernels)
 
 
 def fd_penalty(h: torch.Tensor, cfg: StarsConfig, *, create_graph: bool,
@@ -79,7 +79,7 @@ def fd_penalty(h: torch.Tensor, cfg: StarsConfig, *, create_graph: bool,
     that evaluates the map itself (the pipeline, across its stages); the direction is drawn from
     `generator` after the probe, as `core_map_penalty` draws it."""
     return FiniteDifference(h, random_direction(h, generator, cfg.normalize), cfg.iters, create_graph,
-                            cfg.normalize, cfg.fd_eps)
+                            cfg.normalize, cfg.fd_eps, precision=cfg.probe_precision)
 
 
 def combine_loss(ce: torch.Tensor, penalty: torch.Tensor | None, cfg: StarsConfig) -> torch.Tensor:
