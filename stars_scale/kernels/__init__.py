@@ -59,7 +59,10 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     if residual is not None and residual.dtype != x.dtype:
         dtype = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(dtype), residual.to(dtype)
-    return ops.add_norm(x, residual, weight.float(), None if bias is None else bias.float(), eps, rms)[0]
+    def stat(t):  # the kernels read fp32 weights; an fp64 model keeps its own
+        return None if t is None else (t if t.dtype in (torch.float32, torch.float64) else t.float())
+
+    return ops.add_norm(x, residual, stat(weight), stat(bias), eps, rms)[0]
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ from stars_scale.kernels.extension import cuda_ops
 
 
 def _native(t: Tensor):
-    """The extension's op namespace when `t` is on CUDA and the extension is loaded, else None."""
-    return cuda_ops() if t.is_cuda else None
+    """The extension's op namespace when `t` is on CUDA (fp32/bf16/fp16) and the extension is
+    loaded, else None (fp64 always runs the reference)."""
+    return cuda_ops() if t.is_cuda and t.dtype != torch.float64 else None
 
 
 # ------------------------------------------------------------------ residual add + norm

@@ -94,7 +94,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     T, half = x.shape[-2], x.shape[-1] // 2
     c, s = cos[:T].to(acc_dtype(x.dtype)), sin[:T].to(acc_dtype(x.dtype))
     x1, x2 = _f(x)[..., :half], _f(x)[..., half:]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+    out = torch.empty_like(x)  # x's strides, as the kernel writes (q/k are transposed views)
+    return out.copy_(torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1))
 
 
 # ------------------------------------------------------------------ cross-entropy (vocab-parallel)

@@ -2,7 +2,8 @@
 
 `attend(q, k, v)` takes [batch, heads, seq, head_dim] tensors and runs causal attention through
 flash-attn when it is installed, the tensors are on CUDA in fp16/bf16 and nothing needs higher
-derivatives; otherwise through `F.scaled_dot_product_attention`.
+derivatives; otherwise through `F.scaled_dot_product_attention` (on CUDA only its cuDNN, flash
+and memory-efficient kernels). `attention_plan` is that decision, as a function.
 
 Higher-order autodiff (double backward for the VJP estimator, forward-mode AD for the JVP
 estimator) does not run through flash kernels (neither flash-attn's nor SDPA's default CPU
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,35 +48,67 @@ def math_attention() -> Iterator[None]:
         _state.math -= 1
 
 
+@dataclass(frozen=True)
+class AttentionPlan:
+    """How one call runs: `kind` flash (flash-attn) | sdpa | math; for sdpa the backends allowed
+    (None: PyTorch's own choice, as on CPU); `gqa_native` when k/v are not repeated to H heads."""
+
+    kind: str
+    sdpa_backends: Optional[tuple[SDPBackend, ...]] = None
+    gqa_native: bool = True
+
+
+# On CUDA outside the estimator: fused kernels only, never the O(T^2)-memory math backend.
+CUDA_SDPA_BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+HALF = (torch.float16, torch.bfloat16)
+
+
+def attention_plan(device_type: str, dtype: torch.dtype, n_rep: int, backend: str = "auto", *,
+                   flash_installed: bool | None = None, force_math: bool | None = None) -> AttentionPlan:
+    """The dispatch decision, a pure function of the call's properties (tests pass the capabilities).
+
+    - math (`backend: math`, or inside `math_attention()`): SDPA's math backend, differentiable twice;
+    - flash-attn when installed, on CUDA, fp16/bf16 (`auto` or `flash`); it takes GQA natively;
+    - else SDPA: on CUDA restricted to cuDNN / flash / memory-efficient, with GQA native
+      (`enable_gqa`) in fp16/bf16, where SDPA's flash kernel takes it; fp32 GQA on CUDA repeats k/v
+      for the memory-efficient kernel. On CPU, PyTorch's own choice with native GQA.
+    """
+    if backend not in ("auto", "sdpa", "math", "flash"):
+        raise ValueError(f"unknown attention backend {backend!r}")
+    flash_installed = flash_available() if flash_installed is None else flash_installed
+    force_math = _force_math() if force_math is None else force_math
+    if force_math or backend == "math":
+        return AttentionPlan("math", (SDPBackend.MATH,), gqa_native=True)
+    cuda = device_type == "cuda"
+    if backend in ("auto", "flash") and flash_installed and cuda and dtype in HALF:
+        return AttentionPlan("flash")
+    if backend == "flash":
+        raise RuntimeError("model.attention=flash needs flash-attn installed and CUDA fp16/bf16 tensors; "
+                           "use attention: auto to fall back to SDPA")
+    if not cuda:
+        return AttentionPlan("sdpa", None, gqa_native=True)
+    return AttentionPlan("sdpa", CUDA_SDPA_BACKENDS, gqa_native=n_rep == 1 or dtype in HALF)
+
+
+def _sdpa(q, k, v, plan: AttentionPlan, dropout_p: float) -> torch.Tensor:
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and not plan.gqa_native:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    ctx = sdpa_kernel(list(plan.sdpa_backends)) if plan.sdpa_backends else contextlib.nullcontext()
+    with ctx:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                              enable_gqa=n_rep > 1 and plan.gqa_native)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
            dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention; q [B, H, T, D], k/v [B, H_kv, T, D] with H a multiple of H_kv."""
-    if backend not in ("auto", "sdpa", "math", "flash"):
-        raise ValueError(f"unknown attention backend {backend!r}")
-    n_rep = q.shape[1] // k.shape[1]
-    use_flash = (
-        backend in ("auto", "flash")
-        and _flash_attn_func is not None
-        and not _force_math()
-        and q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-    )
-    if backend == "flash" and not use_flash and not _force_math():
-        raise RuntimeError(
-            "model.attention=flash needs flash-attn installed and CUDA fp16/bf16 tensors; "
-            "use attention: auto to fall back to SDPA"
-        )
-    if use_flash:
+    plan = attention_plan(q.device.type, q.dtype, q.shape[1] // k.shape[1], backend)
+    if plan.kind == "flash":
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                dropout_p=dropout_p, causal=True)
         return out.transpose(1, 2)
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    if backend == "math" and not _force_math():
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return _sdpa(q, k, v, plan, dropout_p)
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:

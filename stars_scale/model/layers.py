@@ -26,9 +26,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if kernels.fused(self.kernels, x):
             return kernels.add_norm(x, residual, self.weight, None, self.eps, rms=True)
-        xf = (x if residual is None else x + residual).float()
+        z = x if residual is None else x + residual
+        xf = z.to(torch.promote_types(z.dtype, torch.float32))  # fp32 statistics (fp64 stays fp64)
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        return out.type_as(z) * self.weight
 
 
 class LayerNorm(nn.LayerNorm):

@@ -6,6 +6,7 @@ DeepSpeed) can call or replace exactly this piece.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,11 +59,13 @@ def split_microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str,
 
 
 def forward_backward(model, batch: dict[str, torch.Tensor], depth: Depth, stars: StarsConfig, *, step: int,
-                     micro: int, seed: int, loss_scale: float, dtype: str = "fp32", ce_fn=token_ce,
+                     micro: int, seed: int, loss_scale: float, dtype: str = "fp32", ce_fn=None,
                      backward=None) -> MicroResult:
     """`micro` is the microbatch's index in the global step (it seeds the estimator and the initial
     state); `ce_fn(logits, labels)` and `backward(scaled_loss)` let a parallel engine swap in the
     vocab-parallel loss and its own backward (DeepSpeed's)."""
+    if ce_fn is None:  # the token CE, through the fused kernel where model.kernels allows it
+        ce_fn = functools.partial(token_ce, kernels_mode=model.cfg.kernels)
     device = next(model.parameters()).device
     ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
