@@ -70,6 +70,8 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # lm-evaluation-harness for `stars-eval lm` (pinned: the StarsLM adapter follows its LM API)
         "eval": ["lm-eval==0.4.13"],
+        # csrc/ builds with torch.utils.cpp_extension, which wants ninja (setup.py and the JIT path).
+        "gpu": ["ninja>=1.11"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "transformers>=4.45", "lm-eval==0.4.13", "hypothesis>=6.100"],
     },
     **cuda_extension_kwargs(),

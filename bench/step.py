@@ -1,7 +1,7 @@
 """Tokens/s of a training step with and without the STARS regulariser, per estimator.
 
     python bench/step.py [--depth 8] [--hidden 128] [--batch 64] [--digits 5] [--steps 10]
-                         [--malloc tuned|system] [--arch ours|reference]
+                         [--malloc tuned|system] [--arch ours|reference] [--dtype fp32|bf16]
 
 Fixed depth, 5-digit addition (20 tokens per sequence), batch 64: the scale of the issue's
 reference figure (the paper's code costs 1.20x a plain step at depth 8 on this machine).
@@ -11,6 +11,10 @@ Settings are interleaved over several rounds so drift in machine load hits them 
 `FLOPs x plain` counts the step's matmul and attention FLOPs (torch's flop registry, every op
 the step dispatches, double backward included) over the plain step's: the floor that the time
 ratio could reach if every op ran as efficiently as the plain step's do.
+
+`--dtype bf16` runs the step under bf16 autocast (train.dtype: bf16) and adds the scalable
+setting with its probe kept in bf16 (`stars.probe_precision: autocast`), so the table shows the
+cost of the default fp32 probe (accurate, see bench/bf16_probe.py) against the bf16 one.
 
 `--malloc` picks the host allocator setting (`train.host_malloc`; the trainer's default is
 tuned). `--arch reference` runs the model with the reference code's choices that cost time
@@ -72,7 +76,12 @@ def main() -> None:
                     help="host allocator: the trainer's default (tuned) or glibc's defaults")
     ap.add_argument("--arch", choices=("ours", "reference"), default="ours",
                     help="reference: math attention and dropout 0.1, as the paper's code")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="train.dtype of the step")
     args = ap.parse_args()
+    settings = dict(SETTINGS)
+    if args.dtype == "bf16":
+        settings["fd 1 iter, 25%, probe in bf16 (inaccurate)"] = {
+            **SETTINGS["fd 1 iter, 25% of sequences (scalable)"], "probe_precision": "autocast"}
     if args.malloc == "tuned":
         keep_freed_memory()
     extra = {"attention": "math", "dropout": 0.1} if args.arch == "reference" else {}
@@ -87,31 +96,31 @@ def main() -> None:
     torch.manual_seed(0)
     model = LoopedLM(cfg0.model)
     opt = build_optimizer(model, cfg0.optim)
-    stars = {name: config_from_dict({**base, "stars": s}).stars for name, s in SETTINGS.items()}
-    times: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    stars = {name: config_from_dict({**base, "stars": s}).stars for name, s in settings.items()}
+    times: dict[str, list[float]] = {name: [] for name in settings}
 
     def step(name: str, i: int) -> float:
         t0 = time.perf_counter()
-        forward_backward(model, batch, depth, stars[name], step=i, micro=0, seed=0, loss_scale=1.0)
+        forward_backward(model, batch, depth, stars[name], step=i, micro=0, seed=0, loss_scale=1.0, dtype=args.dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
     flops = {}
-    for name in SETTINGS:  # warm-up, then one counted step
+    for name in settings:  # warm-up, then one counted step
         for i in range(2):
             step(name, i)
         with CountFlops() as counter:
             step(name, 2)
         flops[name] = counter.total
     for r in range(args.rounds):
-        for name in SETTINGS:
+        for name in settings:
             times[name] += [step(name, r * args.steps + i) for i in range(args.steps)]
     tokens = args.batch * task.seq_len
     plain = statistics.median(times["plain"])
     print(f"depth {args.depth}, d={args.hidden}, batch {args.batch}x{task.seq_len}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting, malloc {args.malloc}, "
-          f"arch {args.arch}")
+          f"arch {args.arch}, dtype {args.dtype}")
     print(f"{'setting':42s} {'ms/step':>8s} {'tokens/s':>9s} {'x plain':>8s} {'FLOPs x plain':>14s}")
     for name, ts in times.items():
         med = statistics.median(ts)
