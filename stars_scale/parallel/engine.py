@@ -169,7 +169,8 @@ class Engine:
             meter = SavedBytes(self.model) if self.measure else None
             with meter.hooks() if meter is not None else contextlib.nullcontext():
                 out.append(forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
-                                            ce_fn=lambda logits, labels: vocab_parallel_ce(logits, labels, tp),
+                                            ce_fn=lambda logits, labels: vocab_parallel_ce(
+                                                logits, labels, tp, self.model.cfg.kernels, self.ps.tp_group),
                                             **common))
             if meter is not None:
                 self.peak_saved_bytes = max(self.peak_saved_bytes, meter.total)

@@ -303,7 +303,8 @@ class LoopPipeline:
                 return (y if grad else y.detach()), grad
             with torch.set_grad_enabled(True):
                 logits = self.model.decode(y)
-                mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp)
+                mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp,
+                                          self.model.cfg.kernels, self.ps.tp_group)
             if mb.probe is None:
                 return None, False
             mb.fd = fd_penalty(mb.probe.select(y.detach()), stars, create_graph=on, generator=mb.gen)

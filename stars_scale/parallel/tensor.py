@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from stars_scale import kernels
 from stars_scale.loss import IGNORE, token_ce
 from stars_scale.parallel.layout import padded_vocab
 
@@ -220,8 +221,12 @@ def parallelize_tensor(model, tp: int, tp_rank: int) -> None:
                                       tied_to=model.embed if tied else None)
 
 
-def vocab_parallel_ce(logits: torch.Tensor, labels: torch.Tensor, tp: int) -> torch.Tensor:
-    """Mean token cross entropy over labels != IGNORE; logits are vocab-parallel when tp > 1."""
+def vocab_parallel_ce(logits: torch.Tensor, labels: torch.Tensor, tp: int, kernels_mode: str = "torch",
+                      group=None) -> torch.Tensor:
+    """Mean token cross entropy over labels != IGNORE; logits are vocab-parallel when tp > 1 (over
+    `group`). With model.kernels allowing it on these logits: the fused in-place kernel."""
+    if kernels.fused(kernels_mode, logits):
+        return kernels.cross_entropy(logits, labels, IGNORE, group=group if tp > 1 else None)
     if tp == 1:
         return token_ce(logits, labels)
     flat = logits.float().flatten(0, -2)
