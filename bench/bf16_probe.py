@@ -103,15 +103,17 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--loops", type=int, default=8)
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated, in this order")
     args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
     print(f"torch threads {torch.get_num_threads()}, {args.iters} power iterations, end state after {args.loops} loops")
     if args.checkpoint:
         model, ids = trained(args.checkpoint, args.batch)
         report(f"main-job model {Path(args.checkpoint)} (batch {args.batch})",
-               compare(model, *end_state(model, ids, args.loops), args.iters))
+               compare(model, *end_state(model, ids, args.loops), args.iters, methods=methods))
     model, ids = huginn_tiny()
     report("tiny Huginn-shaped core (h 64, 4 core blocks, random init, batch 16 x 32)",
-           compare(model, *end_state(model, ids, args.loops), args.iters))
+           compare(model, *end_state(model, ids, args.loops), args.iters, methods=methods))
 
 
 if __name__ == "__main__":

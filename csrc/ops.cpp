@@ -64,12 +64,18 @@ at::Tensor swiglu_fwd(const at::Tensor& gate_up) {
   return out;
 }
 
-at::Tensor swiglu_bwd(const at::Tensor& grad, const at::Tensor& gate_up) {
+// d input of an elementwise activation: the gradient has the input's shape.
+template <typename Launch>
+at::Tensor activation_bwd(const at::Tensor& grad, const at::Tensor& input, Launch launch) {
   check_cuda(grad, "grad");
-  check_cuda(gate_up, "gate_up");
-  auto d = at::empty_like(gate_up);
-  swiglu_bwd_launch(grad, gate_up, d);
+  check_cuda(input, "input");
+  auto d = at::empty_like(input);
+  launch(grad, input, d);
   return d;
+}
+
+at::Tensor swiglu_bwd(const at::Tensor& grad, const at::Tensor& gate_up) {
+  return activation_bwd(grad, gate_up, swiglu_bwd_launch);
 }
 
 at::Tensor gelu_fwd(const at::Tensor& x) {
@@ -79,13 +85,7 @@ at::Tensor gelu_fwd(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor gelu_bwd(const at::Tensor& grad, const at::Tensor& x) {
-  check_cuda(grad, "grad");
-  check_cuda(x, "x");
-  auto d = at::empty_like(x);
-  gelu_bwd_launch(grad, x, d);
-  return d;
-}
+at::Tensor gelu_bwd(const at::Tensor& grad, const at::Tensor& x) { return activation_bwd(grad, x, gelu_bwd_launch); }
 
 at::Tensor rope_fwd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.is_cuda() && x.stride(-1) == 1, "stars_scale_cuda.rope_fwd: x must be CUDA with a contiguous last dim");
