@@ -50,7 +50,7 @@ class ExitRule:
     name = "?"
 
     def reset(self, batch: int) -> None:
-        self.probe_evals = 0  # extra coda (kl) or core (contraction ρ̂) evaluations
+        self.probe_evals = 0  # extra batched coda (kl) or core (contraction ρ̂) passes
 
     def converged(self, v: StepView) -> torch.Tensor:  # bool [B]
         raise NotImplementedError

@@ -35,7 +35,7 @@ class GenerationResult:
     prompt_len: int
     loops: torch.Tensor  # [B, n] core iterations spent on each generated token (0 after EOS)
     finished: torch.Tensor  # [B] bool: the row emitted EOS
-    probe_evals: int = 0  # extra coda/core evaluations the exit rule made (kl, contraction ρ̂)
+    probe_evals: int = 0  # extra batched coda/core passes the exit rule made (kl, contraction ρ̂)
     eos_id: Optional[int] = None
     logprobs: Optional[torch.Tensor] = None  # [B, n] log p of each emitted token (always float32)
     greedy: Optional[torch.Tensor] = None  # [B, n] bool: the token was the argmax
