@@ -33,7 +33,7 @@ from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
 from stars_scale.parallel.consolidate import full_state_dict
 from stars_scale.parallel.data_parallel import build_data_parallel
-from stars_scale.parallel.pipeline import LoopPipeline, SavedBytes, split_stage
+from stars_scale.parallel.pipeline import HeldBytes, LoopPipeline, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
 from stars_scale.stars.depth import Depth
@@ -51,7 +51,7 @@ class Engine:
         self.pipeline: LoopPipeline | None = None
         self.opt = None
         # measured activation memory (tests, benches): the most bytes autograd held for backward
-        # at once in the last step (SavedBytes: unique storages, parameters excluded)
+        # at once in the last step (HeldBytes: unique storages, parameters excluded)
         self.measure = False
         self.peak_saved_bytes = 0
 
@@ -131,8 +131,9 @@ class Engine:
 
     def build_optimizer(self):
         """The optimizer step for this layout; returns the learning-rate schedule."""
-        n = self.cfg.train.grad_accum * self.cfg.parallel.microbatches
-        backwards = self.pipeline.backwards_per_step(n) if self.pipeline is not None else n
+        # the optimizer's backward calls per step: one per microbatch, or one per pipeline step
+        # (the pipeline sums its passes' gradients and hands them over in one backward)
+        backwards = self.cfg.train.grad_accum * (1 if self.pipeline is not None else self.cfg.parallel.microbatches)
         self.opt = build_data_parallel(self.model, self.cfg, self.ps, backwards, zero=self.zero)
         return self.opt.scheduler
 
@@ -164,16 +165,18 @@ class Engine:
             self.peak_saved_bytes = self.pipeline.stats.peak_saved_bytes
             return out
         tp = self.ps.tp
-        out, self.peak_saved_bytes = [], 0
+        out = []
+        meter = HeldBytes(self.model) if self.measure else None
         for mb, mi in zip(batches, micro_ids):  # one microbatch in flight: its backward frees it
-            meter = SavedBytes(self.model) if self.measure else None
-            with meter.hooks() if meter is not None else contextlib.nullcontext():
+            with meter.recording(mi) if meter is not None else contextlib.nullcontext():
                 out.append(forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
                                             ce_fn=lambda logits, labels: vocab_parallel_ce(
                                                 logits, labels, tp, self.model.cfg.kernels, self.ps.tp_group),
                                             **common))
             if meter is not None:
-                self.peak_saved_bytes = max(self.peak_saved_bytes, meter.total)
+                meter.update_peak()
+                meter.free(mi)
+        self.peak_saved_bytes = meter.peak if meter is not None else 0
         return out
 
     def optimizer_step(self) -> float:

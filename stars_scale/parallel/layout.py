@@ -20,8 +20,8 @@ def padded_vocab(vocab: int, tp: int) -> int:
 
 
 def round_size(schedule: str, pp: int, microbatches: int) -> int:
-    """Microbatches the loop pipeline runs per round, i.e. holds in flight on every stage:
-    min(pp, M) under `1f1b`, all M under `gpipe` (see parallel/pipeline.py)."""
+    """Microbatches whose activations the loop pipeline holds at once on a stage: min(pp, M)
+    under `1f1b` (plus at most pp - 1 passes of slack), all M under `gpipe` (parallel/schedule.py)."""
     return microbatches if schedule == "gpipe" else max(1, min(pp, microbatches))
 
 

@@ -18,29 +18,33 @@ h = s_r lives: it names the next point to evaluate, the ring evaluates the map t
 (`stars.regularizer.core_map` on every stage: the same dropout handling as one process) and
 hands the value back. Free iterations (truncated BPTT) run without a graph and need no backward.
 
-Schedule. The microbatches go through the ring in *rounds* of G: the forward of every pass of
-the round's microbatches, then one `backward()` per stage for the round (see `p2p`: autograd
-replays the round's communication in reverse). Pass k of the round's microbatch m runs on
-stage s at tick k · max(G, P) + m + s: every stage works K·G ticks of a span of K·G + P - 1 in
-the forward (K passes) and the backward mirrors it. `1f1b` (the default) takes G = min(P, M):
-a stage holds the activations of at most P microbatches, whatever M (flat in M); `gpipe` takes
-G = M: every microbatch's activations are held until the step's one backward (growing with M),
-with one fill and drain per step instead of one per round. Each stage processes its tasks in
-tick order with non-blocking sends and blocking receives, so the ring cannot deadlock.
+Schedule (`schedule.py`). Every stage runs a list of tasks computed identically on every rank:
+F(m, k), the forward of pass k of microbatch m, and B(m, k), its backward: a manual
+`torch.autograd.grad` from the pass's output with the gradient that the next stage (or, for the
+state going round, stage 0) sent back, giving the parameters' gradients and the input's, which
+goes to the stage the input came from. `1f1b` starts a new microbatch as soon as old backwards
+have freed room for it (at most min(P, M) microbatches' gradient-carrying passes held, plus a
+pass or two of slack where that keeps the ring full); `gpipe` runs every forward first.
+
+The parameters' gradients of a step are summed in a buffer and handed to the optimizer in one
+backward (`sum(p · g)`, whose gradient is g exactly): the optimizer, DeepSpeed included, sees one
+backward per step whatever the schedule. The last stage's loss is differentiated as soon as the
+microbatch's last pass is done, so its decode graph is never held. e (stage 0) and the tied head's
+weight (last stage) are leaves whose gradients are summed over the passes and sent on at the end.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from stars_scale.config import StarsConfig
-from stars_scale.parallel.layout import round_size
-from stars_scale.parallel.p2p import Mailbox, recv_with_grad, send_with_grad
+from stars_scale.parallel.p2p import Channels
+from stars_scale.parallel.schedule import Task, build, linked, max_in_flight, simulated_ticks
 from stars_scale.parallel.tensor import vocab_parallel_ce
 from stars_scale.stars.depth import Depth
 from stars_scale.stars.jacobian import FiniteDifference, SpectralEstimate, fd_evaluation
@@ -118,18 +122,22 @@ def pass_plan(depth: Depth, stars: StarsConfig, step: int) -> list[Pass]:
 
 @dataclass
 class StageStats:
-    """Timing and held activations of this stage's last step (perf_counter is system-wide).
+    """Timing, held activations and schedule of this stage's last step (perf_counter is system-wide).
 
     The stage works from `start` to `end` except while blocked in a receive (`recv_wait_s`);
-    with the spans of all stages, 1 - Σ busy / (P · (max end - min start)) is the bubble.
-    `peak_saved_bytes`: the most bytes autograd held for backward at once (a round's saved
-    tensors, unique storages, parameters excluded), measured with a saved-tensors hook."""
+    with the spans of all stages, 1 - Σ busy / (P · (max end - min start)) is the measured bubble.
+    `peak_saved_bytes`: the most bytes autograd held for backward at once (unique storages,
+    parameters excluded; `HeldBytes`). `in_flight`: the most microbatches this stage's task list
+    has started and not finished at once; `span_ticks` / `idle_ticks`: the schedule replayed in
+    unit ticks (every task one tick), the step's span and this stage's idle ticks in it."""
 
     start: float = 0.0
     end: float = 0.0
     recv_wait_s: float = 0.0
     passes: int = 0
-    rounds: int = 0
+    in_flight: int = 0
+    span_ticks: int = 0
+    idle_ticks: int = 0
     peak_saved_bytes: int = 0
 
     @property
@@ -137,118 +145,125 @@ class StageStats:
         return self.end - self.start - self.recv_wait_s
 
 
-class SavedBytes:
-    """Bytes of the distinct storages autograd saves inside the context (parameters excluded)."""
+class HeldBytes:
+    """Bytes of the distinct storages autograd holds for backward, by owner (a pass of a
+    microbatch, its encoding, its loss), parameters excluded: saved while recording for an owner,
+    released when the owner's backward is done (`free`); `peak` is the most held at once, taken
+    at `update_peak` (after each forward)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.seen: dict[int, int] = {}
+        self.held: dict[object, dict[int, int]] = {}
+        self.owner: object = None
+        self.peak = 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
-        if st.data_ptr() not in self.params:
-            self.seen[st.data_ptr()] = max(self.seen.get(st.data_ptr(), 0), st.nbytes())
+        ptr = st.data_ptr()
+        if self.owner is not None and ptr not in self.params:
+            mine = self.held.setdefault(self.owner, {})
+            mine[ptr] = max(mine.get(ptr, 0), st.nbytes())
         return t
 
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+    @contextlib.contextmanager
+    def recording(self, owner):
+        prev, self.owner = self.owner, owner
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield
+        finally:
+            self.owner = prev
 
-    @property
-    def total(self) -> int:
-        return sum(self.seen.values())
+    def update_peak(self) -> None:
+        seen: dict[int, int] = {}
+        for mine in self.held.values():
+            for ptr, n in mine.items():
+                seen[ptr] = max(seen.get(ptr, 0), n)
+        self.peak = max(self.peak, sum(seen.values()))
+
+    def free(self, owner) -> None:
+        self.held.pop(owner, None)
 
 
 @dataclass
 class _Micro:
-    """One microbatch's state on this stage during a round."""
+    """One microbatch's state on this stage during the step."""
 
     batch: dict
     micro: int
     gen: torch.Generator  # the estimator's draws, the same on every rank
     probe: Probe | None
-    e: torch.Tensor | None = None  # first stage: the prelude's output (with graph)
+    rows: int
+    probe_rows: int
+    e: torch.Tensor | None = None  # first stage: the prelude's output (graph root of the encoding)
+    e_leaf: torch.Tensor | None = None  # first stage: e as a leaf, used by the iterations
+    e_grad: torch.Tensor | None = None
     e_probe: torch.Tensor | None = None  # first stage: the estimator's rows of e, detached
     fd: FiniteDifference | None = None  # last stage: the estimate in progress
     ce: torch.Tensor | None = None
     est: SpectralEstimate | None = None
     loss: torch.Tensor | None = None
-    rows: int = 0
-    probe_rows: int = 0
+    leaves: dict = field(default_factory=dict)  # last stage: pass -> its output as a leaf of the loss
+    out_grads: dict = field(default_factory=dict)  # last stage: pass -> the loss's gradient of its output
+    saved: dict = field(default_factory=dict)  # pass -> (output, input leaf or None): for its backward
+    backwards_left: int = 0
+
+
+def sent_by(stage: int, task: Task, pp: int, plan: list[Pass]) -> list[tuple[int, tuple]]:
+    """(destination stage, message name) of what `stage` sends when it runs `task`."""
+    m, k = task.micro, task.k
+    if task.op == "F":
+        if stage < pp - 1:
+            return [(stage + 1, ("x", m, k))]
+        return [(0, ("x", m, k + 1))] if k + 1 < len(plan) else []
+    if stage > 0:
+        return [(stage - 1, ("g", m, k))]
+    return [(pp - 1, ("g", m, k - 1))] if k >= 1 and _linked(plan, k - 1) else []
+
+
+def _linked(plan: list[Pass], k: int) -> bool:
+    return linked(tuple(p.grad for p in plan), tuple(p.kind == "iter" for p in plan), k)
 
 
 class LoopPipeline:
-    """Runs one training step's microbatches over the ring, round by round."""
+    """Runs one training step's microbatches over the ring, task by task (`schedule.build`)."""
 
     def __init__(self, model, ps, schedule: str = "1f1b", measure: bool = False):
         self.model, self.ps, self.schedule, self.measure = model, ps, schedule, measure
         self.first, self.last = ps.is_first_stage, ps.is_last_stage
         self.tied = model.cfg.tie_embeddings and ps.pp > 1
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.stats = StageStats()
-
-    def backwards_per_step(self, microbatches: int) -> int:
-        return -(-microbatches // round_size(self.schedule, self.ps.pp, microbatches))
 
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
                          backward) -> list[MicroResult]:
+        ps, P = self.ps, self.ps.pp
         plan = pass_plan(depth, stars, step)
-        G = round_size(self.schedule, self.ps.pp, len(batches))
-        stats = StageStats(start=time.perf_counter(), passes=len(plan))
-        results: list[MicroResult] = []
-        for lo in range(0, len(batches), G):
-            mail = Mailbox()
-            meter = SavedBytes(self.model) if self.measure else None
-            results += self._round(batches[lo:lo + G], micro_ids[lo:lo + G], plan, depth, stars, step, seed,
-                                   loss_scale, dtype, backward, mail, meter)
-            stats.recv_wait_s += mail.recv_wait_s
-            stats.rounds += 1
-            if meter is not None:
-                stats.peak_saved_bytes = max(stats.peak_saved_bytes, meter.total)
+        grads, iters = tuple(p.grad for p in plan), tuple(p.kind == "iter" for p in plan)
+        order = build(P, len(batches), grads, iters, self.schedule)
+        mine = order[ps.pp_rank]
+        stats = StageStats(start=time.perf_counter(), passes=len(plan),
+                           in_flight=max_in_flight(mine, sum(grads), len(plan)))
+        stats.span_ticks, idle = simulated_ticks(P, order, grads, iters)
+        stats.idle_ticks = idle[ps.pp_rank]
+        mbs = [self._micro(b, mi, stars, step, seed, bool(sum(p.kind == "fd" for p in plan)), sum(grads))
+               for b, mi in zip(batches, micro_ids)]
+        net = self._channels(order, plan, mbs)
+        meter = HeldBytes(self.model) if self.measure else None
+        acc: dict[nn.Parameter, torch.Tensor] = {}
+        run = _Step(self, plan, mbs, net, meter, acc, stars, step, seed, loss_scale, dtype)
+        run.open()
+        for task in mine:
+            (run.forward if task.op == "F" else run.backward)(task)
+        run.close()
+        net.close()
+        root = sum((p * g).sum() for p, g in acc.items())
+        backward(root)
+        stats.recv_wait_s = net.recv_wait_s
+        stats.peak_saved_bytes = meter.peak if meter is not None else 0
         stats.end = time.perf_counter()
         self.stats = stats
-        return results
-
-    # ------------------------------------------------------------------ one round
-
-    def _round(self, batches, micro_ids, plan, depth, stars, step, seed, loss_scale, dtype, backward, mail,
-               meter) -> list[MicroResult]:
-        ps, model = self.ps, self.model
-        n_fd = sum(p.kind == "fd" for p in plan)
-        on = penalty_active(stars, step)
-        anchor = torch.zeros((), device=ps.device, requires_grad=True)
-        roots: list[torch.Tensor] = []
-        mbs = []
-        for b, mi in zip(batches, micro_ids):
-            gen = estimator_generator(seed, step, mi)
-            rows = b["input_ids"].shape[0]
-            probe = draw_probe(stars, gen, rows) if n_fd else None
-            probe_rows = rows if probe is None or probe.rows is None else len(probe.rows)
-            mbs.append(_Micro(b, mi, gen, probe, rows=rows, probe_rows=probe_rows))
-        with meter.hooks() if meter is not None else contextlib.nullcontext(), autocast_context(dtype, ps.device):
-            if self.tied and self.first:
-                roots.append(send_with_grad(model.embed.weight, ps.pp_ranks[-1], mail))
-            if self.tied and self.last:
-                model.lm_head.external_weight = recv_with_grad(anchor, model.tied_shape, torch.float32,
-                                                               ps.pp_ranks[0], mail)
-            for k, p in enumerate(plan):
-                for mb in mbs:
-                    x, e = self._input(mb, k, plan, step, seed, anchor, mail)
-                    y = self._compute(mb, x, e, p)
-                    if not self.last:
-                        self._send(y, p.grad, ps.next_rank, roots, mail)
-                    else:
-                        nxt, grad = self._after(mb, k, plan, y, stars, on)
-                        if nxt is not None:
-                            self._send(nxt, grad, ps.pp_ranks[0], roots, mail)
-            if self.last:
-                for mb in mbs:
-                    mb.est = mb.fd.result() if mb.fd is not None else None
-                    mb.loss = combine_loss(mb.ce, mb.est.penalty if (mb.est is not None and on) else None, stars)
-                    roots.append(mb.loss * loss_scale)
-        backward(torch.stack([r.float() for r in roots]).sum())
-        mail.wait_all()
-        if self.tied and self.last:
-            model.lm_head.external_weight = None
         if not self.last:
             return []
         return [MicroResult(loss=float(mb.loss.detach()), ce=float(mb.ce.detach()),
@@ -256,29 +271,107 @@ class LoopPipeline:
                             rho=None if mb.est is None else float(mb.est.rho),
                             tokens=mb.batch["input_ids"].numel()) for mb in mbs]
 
-    def _input(self, mb: _Micro, k: int, plan, step: int, seed: int, anchor, mail):
-        """This stage's input of pass k (and e on the first stage): made, or received."""
-        ps, model, p = self.ps, self.model, plan[k]
-        shape = (mb.rows if p.kind == "iter" else mb.probe_rows, mb.batch["input_ids"].shape[1], model.cfg.hidden)
-        if not self.first:
-            grad_in = p.grad
-            src = ps.prev_rank
-        elif k == 0:
-            mb.e = model.encode(mb.batch["input_ids"].to(ps.device))
-            if mb.probe is not None:
-                mb.e_probe = mb.probe.select(mb.e.detach())
-            x = model.init_state(mb.e, init_state_generator(seed, step, mb.micro, ps.device))
-            return x, mb.e
-        else:  # from the last stage; with a graph only between two gradient-carrying iterations
-            prev = plan[k - 1]
-            grad_in = p.grad and p.kind == "iter" and prev.kind == "iter" and prev.grad
-            src = ps.pp_ranks[-1]
-        x = recv_with_grad(anchor, shape, torch.float32, src, mail) if grad_in else \
-            mail.recv(shape, torch.float32, ps.device, src)
-        e = None if not self.first else (mb.e if p.kind == "iter" else mb.e_probe)
-        return x, e
+    def _micro(self, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool, backwards: int) -> _Micro:
+        gen = estimator_generator(seed, step, mi)
+        rows = b["input_ids"].shape[0]
+        probe = draw_probe(stars, gen, rows) if fd else None
+        probe_rows = rows if probe is None or probe.rows is None else len(probe.rows)
+        return _Micro(b, mi, gen, probe, rows, probe_rows, backwards_left=backwards)
 
-    def _compute(self, mb: _Micro, x, e, p: Pass) -> torch.Tensor:
+    def _channels(self, order, plan: list[Pass], mbs: list[_Micro]) -> Channels:
+        """What each stage sends to this one, in the order it sends it (every rank knows every list)."""
+        ps, P, me = self.ps, self.ps.pp, self.ps.pp_rank
+        incoming: dict[int, list] = {ps.pp_ranks[s]: [] for s in range(P) if s != me}
+        if self.tied and self.last:
+            incoming[ps.pp_ranks[0]].append(("w",))
+        for s in range(P):
+            for task in order[s]:
+                for dst, name in sent_by(s, task, P, plan):
+                    if dst == me:
+                        incoming[ps.pp_ranks[s]].append(name)
+        if self.tied and self.first:
+            incoming[ps.pp_ranks[-1]].append(("wg",))
+        hidden = self.model.cfg.hidden
+
+        def shape(name):
+            if name[0] in ("w", "wg"):
+                return self.model.tied_shape
+            mb, k = mbs[name[1]], name[2]
+            return (mb.rows if plan[k].kind == "iter" else mb.probe_rows, mb.batch["input_ids"].shape[1], hidden)
+
+        return Channels(incoming, shape, ps.device)
+
+
+class _Step:
+    """One step's tasks on this stage (the state `LoopPipeline.forward_backward` threads through)."""
+
+    def __init__(self, pipe: LoopPipeline, plan, mbs, net: Channels, meter: HeldBytes | None, acc: dict,
+                 stars: StarsConfig, step: int, seed: int, loss_scale: float, dtype: str):
+        self.pipe, self.model, self.ps = pipe, pipe.model, pipe.ps
+        self.plan, self.mbs, self.net, self.meter, self.acc = plan, mbs, net, meter, acc
+        self.stars, self.step, self.seed, self.loss_scale, self.dtype = stars, step, seed, loss_scale, dtype
+        self.on = penalty_active(stars, step)
+        self.weight: torch.Tensor | None = None  # last stage, tied head: the embedding weight, a leaf
+
+    def _record(self, owner):
+        return self.meter.recording(owner) if self.meter is not None else contextlib.nullcontext()
+
+    def _accumulate(self, params: list, grads) -> None:
+        for p, g in zip(params, grads):
+            if g is not None:
+                self.acc[p] = g if p not in self.acc else self.acc[p] + g
+
+    def _grad(self, outputs, out_grads, leaves: list) -> list:
+        """Gradients of `outputs` (given theirs) for `leaves` (None where unused); the parameters'
+        go into the step's buffer."""
+        params = self.pipe.params
+        got = torch.autograd.grad(outputs, leaves + params, out_grads, allow_unused=True)
+        self._accumulate(params, got[len(leaves):])
+        return list(got[:len(leaves)])
+
+    # ------------------------------------------------------------------ tied head, step ends
+
+    def open(self) -> None:
+        ps, pipe = self.ps, self.pipe
+        if pipe.tied and pipe.first:
+            self.net.send(self.model.embed.weight, ps.pp_ranks[-1])
+        if pipe.tied and pipe.last:
+            self.weight = self.net.recv(ps.pp_ranks[0], ("w",)).requires_grad_()
+            self.model.lm_head.external_weight = self.weight
+
+    def close(self) -> None:
+        ps, pipe = self.ps, self.pipe
+        if pipe.tied and pipe.last:
+            g = self.weight.grad if self.weight.grad is not None else torch.zeros_like(self.weight)
+            self.net.send(g, ps.pp_ranks[0])
+            self.model.lm_head.external_weight = None
+        if pipe.tied and pipe.first:
+            g = self.net.recv(ps.pp_ranks[-1], ("wg",))
+            self._accumulate([self.model.embed.weight], [g])
+
+    # ------------------------------------------------------------------ forward of a pass
+
+    def forward(self, task: Task) -> None:
+        mb, k, p = self.mbs[task.micro], task.k, self.plan[task.k]
+        with self._record(("pass", task.micro, k)), autocast_context(self.dtype, self.ps.device):
+            x, leaf, e = self._input(mb, k)
+            y = self.pipe_compute(mb, x, e, p).float()
+        if p.grad:
+            mb.saved[k] = (y, leaf)
+        if not self.pipe.last:
+            self.net.send(y, self.ps.next_rank)
+        else:
+            nxt = self._after(mb, k, y)
+            if nxt is not None:
+                self.net.send(nxt, self.ps.pp_ranks[0])
+        if self.meter is not None:
+            self.meter.update_peak()
+        if self.pipe.last and k == len(self.plan) - 1:
+            self._loss_backward(mb)
+        if mb.backwards_left == 0 and k == len(self.plan) - 1:
+            self._finish(mb)
+
+    def pipe_compute(self, mb: _Micro, x, e, p: Pass) -> torch.Tensor:
         """The stage's part of a loop iteration, or of one evaluation of the estimator's map."""
         if p.kind == "iter":
             with torch.set_grad_enabled(p.grad):
@@ -286,28 +379,98 @@ class LoopPipeline:
         with fd_evaluation(p.grad), without_checkpointing(self.model):
             return core_map(self.model, e, mb.probe.seed)(x)
 
-    @staticmethod
-    def _send(y: torch.Tensor, grad: bool, dst: int, roots: list, mail: Mailbox) -> None:
-        if grad:
-            roots.append(send_with_grad(y.float(), dst, mail))
-        else:
-            mail.isend(y.float(), dst)
+    def _input(self, mb: _Micro, k: int):
+        """This stage's input of pass k (the leaf to send the gradient of, if any) and e."""
+        ps, model, p = self.ps, self.model, self.plan[k]
+        if self.pipe.first and k == 0:
+            with self._record(("encode", mb.micro)):
+                mb.e = model.encode(mb.batch["input_ids"].to(ps.device))
+            mb.e_leaf = mb.e.detach().requires_grad_()
+            if mb.probe is not None:
+                mb.e_probe = mb.probe.select(mb.e.detach())
+            with torch.set_grad_enabled(p.grad):
+                x = model.init_state(mb.e_leaf, init_state_generator(self.seed, self.step, mb.micro, ps.device))
+            return x, None, mb.e_leaf
+        src = ps.prev_rank if not self.pipe.first else ps.pp_ranks[-1]
+        x = self.net.recv(src, ("x", mb.micro, k))
+        # stage 0 receives the state with a graph only between two gradient-carrying iterations
+        leaf = p.grad and (not self.pipe.first or _linked(self.plan, k - 1))
+        if leaf:
+            x.requires_grad_()
+        e = None if not self.pipe.first else (mb.e_leaf if p.kind == "iter" else mb.e_probe)
+        return x, (x if leaf else None), e
 
-    def _after(self, mb: _Micro, k: int, plan, y: torch.Tensor, stars: StarsConfig, on: bool):
-        """Last stage, after pass k: the next pass's input (and whether it carries a graph back to
-        stage 0); the loss after the last iteration; the estimator's step after an evaluation."""
-        p = plan[k]
-        if p.kind == "iter":
-            if k + 1 < len(plan) and plan[k + 1].kind == "iter":
-                grad = p.grad and plan[k + 1].grad
-                return (y if grad else y.detach()), grad
-            with torch.set_grad_enabled(True):
-                logits = self.model.decode(y)
-                mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp,
-                                          self.model.cfg.kernels, self.ps.tp_group)
-            if mb.probe is None:
-                return None, False
-            mb.fd = fd_penalty(mb.probe.select(y.detach()), stars, create_graph=on, generator=mb.gen)
+    def _after(self, mb: _Micro, k: int, y: torch.Tensor):
+        """Last stage, after pass k: the next pass's input; the loss's pieces (ce after the last
+        iteration, the estimator's step after an evaluation) from leaves of the outputs."""
+        p, plan = self.plan[k], self.plan
+        if p.kind == "iter" and k + 1 < len(plan) and plan[k + 1].kind == "iter":
+            return y.detach()
+        out = y.detach().requires_grad_(p.grad)
+        if p.grad:
+            mb.leaves[k] = out
+        with self._record(("loss", mb.micro)), autocast_context(self.dtype, self.ps.device):
+            if p.kind == "iter":
+                with torch.set_grad_enabled(True):
+                    logits = self.model.decode(out)
+                    mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp,
+                                              self.model.cfg.kernels, self.ps.tp_group)
+                if mb.probe is None:
+                    return None
+                mb.fd = fd_penalty(mb.probe.select(out.detach()), self.stars, create_graph=self.on, generator=mb.gen)
+            else:
+                mb.fd.take(out)
+            return mb.fd.point()
+
+    def _loss_backward(self, mb: _Micro) -> None:
+        """Last stage, after the microbatch's last pass: the loss and its gradients for the passes'
+        outputs (and the tied weight, summed over the step)."""
+        mb.est = mb.fd.result() if mb.fd is not None else None
+        mb.loss = combine_loss(mb.ce, mb.est.penalty if (mb.est is not None and self.on) else None, self.stars)
+        ks = sorted(mb.leaves)
+        leaves = [mb.leaves[k] for k in ks] + ([self.weight] if self.weight is not None else [])
+        got = self._grad([mb.loss * self.loss_scale], None, leaves)
+        for k, g in zip(ks, got):
+            if g is not None:
+                mb.out_grads[k] = g
+        if self.weight is not None and got[-1] is not None:
+            self.weight.grad = got[-1] if self.weight.grad is None else self.weight.grad + got[-1]
+        mb.leaves.clear()
+        if self.meter is not None:
+            self.meter.free(("loss", mb.micro))
+
+    # ------------------------------------------------------------------ backward of a pass
+
+    def backward(self, task: Task) -> None:
+        ps, mb, k = self.ps, self.mbs[task.micro], task.k
+        y, leaf = mb.saved.pop(k)
+        if not self.pipe.last:
+            g = self.net.recv(ps.next_rank, ("g", mb.micro, k))
         else:
-            mb.fd.take(y)
-        return mb.fd.point(), False
+            g = mb.out_grads.pop(k, None)
+            if _linked(self.plan, k):
+                got = self.net.recv(ps.pp_ranks[0], ("g", mb.micro, k))
+                g = got if g is None else g + got
+            if g is None:
+                g = torch.zeros_like(y)
+        use_e = self.pipe.first and self.plan[k].kind == "iter"
+        leaves = ([leaf] if leaf is not None else []) + ([mb.e_leaf] if use_e else [])
+        got = self._grad([y], [g], leaves)
+        if leaf is not None:
+            gx = got[0] if got[0] is not None else torch.zeros_like(leaf)
+            self.net.send(gx, ps.prev_rank if not self.pipe.first else ps.pp_ranks[-1])
+        if use_e and got[-1] is not None:
+            mb.e_grad = got[-1] if mb.e_grad is None else mb.e_grad + got[-1]
+        if self.meter is not None:
+            self.meter.free(("pass", mb.micro, k))
+        mb.backwards_left -= 1
+        if mb.backwards_left == 0:
+            self._finish(mb)
+
+    def _finish(self, mb: _Micro) -> None:
+        """The microbatch's last backward on this stage: the encoding's (stage 0), then let go."""
+        if mb.e is not None and mb.e_grad is not None:
+            self._grad([mb.e], [mb.e_grad], [])
+        mb.e = mb.e_leaf = mb.e_grad = mb.e_probe = None
+        if self.meter is not None:
+            self.meter.free(("encode", mb.micro))
