@@ -132,7 +132,7 @@ class Engine:
     def build_optimizer(self):
         """The optimizer step for this layout; returns the learning-rate schedule."""
         # the optimizer's backward calls per step: one per microbatch, or one per pipeline step
-        # (the pipeline sums its passes' gradients and hands them over in one backward)
+        # (under DeepSpeed the pipeline sums its passes' gradients and hands them over in one)
         backwards = self.cfg.train.grad_accum * (1 if self.pipeline is not None else self.cfg.parallel.microbatches)
         self.opt = build_data_parallel(self.model, self.cfg, self.ps, backwards, zero=self.zero)
         return self.opt.scheduler
@@ -160,8 +160,9 @@ class Engine:
         common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype)
         if self.pipeline is not None:
             self.pipeline.measure = self.measure
+            # zero 0: the passes' gradients go straight into .grad; DeepSpeed: one backward per step
             out = self.pipeline.forward_backward(batches, depth, cfg.stars, micro_ids=micro_ids,
-                                                 backward=self.opt.backward, **common)
+                                                 backward=self.opt.backward if self.zero else None, **common)
             self.peak_saved_bytes = self.pipeline.stats.peak_saved_bytes
             return out
         tp = self.ps.tp

@@ -26,9 +26,9 @@ goes to the stage the input came from. `1f1b` starts a new microbatch as soon as
 have freed room for it (at most min(P, M) microbatches' gradient-carrying passes held, plus a
 pass or two of slack where that keeps the ring full); `gpipe` runs every forward first.
 
-The parameters' gradients of a step are summed in a buffer and handed to the optimizer in one
-backward (`sum(p · g)`, whose gradient is g exactly): the optimizer, DeepSpeed included, sees one
-backward per step whatever the schedule. The last stage's loss is differentiated as soon as the
+The parameters' gradients go straight into `.grad` (zero 0), or, under DeepSpeed, are summed in a
+buffer and handed over in one backward per step (`sum(p · g)`, whose gradient is g exactly), so
+DeepSpeed's accumulation sees one backward call whatever the schedule. The last stage's loss is differentiated as soon as the
 microbatch's last pass is done, so its decode graph is never held. e (stage 0) and the tied head's
 weight (last stage) are leaves whose gradients are summed over the passes and sent on at the end.
 """
@@ -238,6 +238,10 @@ class LoopPipeline:
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
                          backward) -> list[MicroResult]:
+        """The step's microbatches through the ring. `backward(root)`: the optimizer's backward,
+        called once with a root whose gradient is the step's (DeepSpeed counts its calls); None:
+        the gradients are added to the parameters' `.grad` as the passes' backwards make them
+        (no second copy of the gradients)."""
         ps, P = self.ps, self.ps.pp
         plan = pass_plan(depth, stars, step)
         grads, iters = tuple(p.grad for p in plan), tuple(p.kind == "iter" for p in plan)
@@ -251,15 +255,15 @@ class LoopPipeline:
                for b, mi in zip(batches, micro_ids)]
         net = self._channels(order, plan, mbs)
         meter = HeldBytes(self.model) if self.measure else None
-        acc: dict[nn.Parameter, torch.Tensor] = {}
+        acc: dict[nn.Parameter, torch.Tensor] | None = {} if backward is not None else None
         run = _Step(self, plan, mbs, net, meter, acc, stars, step, seed, loss_scale, dtype)
         run.open()
         for task in mine:
             (run.forward if task.op == "F" else run.backward)(task)
         run.close()
         net.close()
-        root = sum((p * g).sum() for p, g in acc.items())
-        backward(root)
+        if backward is not None:
+            backward(sum((p * g).sum() for p, g in acc.items()))
         stats.recv_wait_s = net.recv_wait_s
         stats.peak_saved_bytes = meter.peak if meter is not None else 0
         stats.end = time.perf_counter()
@@ -318,7 +322,11 @@ class _Step:
 
     def _accumulate(self, params: list, grads) -> None:
         for p, g in zip(params, grads):
-            if g is not None:
+            if g is None:
+                continue
+            if self.acc is None:  # straight into .grad (autograd.grad's results are fresh tensors)
+                p.grad = g if p.grad is None else p.grad.add_(g)
+            else:
                 self.acc[p] = g if p not in self.acc else self.acc[p] + g
 
     def _grad(self, outputs, out_grads, leaves: list) -> list:

@@ -12,7 +12,7 @@ Layout      world = nodes × gpus_per_node = tp · pp · dp. TP (within a node) 
             norms are replicated. PP splits the *core's blocks* over stages (every iteration passes
             through all stages); the prelude and adapter sit on the first stage, the state norm,
             coda and head on the last (a tied head keeps no copy there: it receives the
-            embedding weight each round, counted as transient). The vocabulary is padded to a
+            embedding weight each step, counted as transient). The vocabulary is padded to a
             multiple of tp, as parallel/tensor.py builds it. Memory is reported for the
             fullest stage.
 Model state per parameter, ZeRO paper accounting. fp32: 4 weights + 4 grads + 8 Adam (m, v).
@@ -27,8 +27,8 @@ Activations the tensors autograd saves for backward, per microbatch of b sequenc
             checkpointing each block's input plus one block. The no-grad iterations keep
             nothing. Verified on CPU in fp32 against the bytes a saved-tensors hook sees (see
             docs/plan.md); in bf16 the same census is used with 2-byte activations, an
-            estimate. The loop pipeline holds a round's microbatches on every stage: min(pp, M)
-            under the 1f1b schedule, all M under gpipe (`parallel.layout.round_size`).
+            estimate. The loop pipeline holds min(pp, M) microbatches' activations on every
+            stage under the 1f1b schedule, all M under gpipe (`parallel.layout.round_size`).
 Transient   not saved but live at the peak: the fp32 gradient of the logits, and the working
             set of one block (its MLP intermediates). An estimate, added before the fit test.
 Depth       r, n_free, n_grad from `DepthSampler` itself (after any curriculum), 10,000 draws:

@@ -137,7 +137,7 @@ def vocab_rows_per_rank(m: ModelConfig, tp: int) -> int:
 def stage_param_elems(m: ModelConfig, counts: ParamCounts, st: StageShape, tp: int) -> float:
     """Parameters one GPU holds for stage `st` under tp (vocab-parallel embedding and head,
     padded as parallel/tensor.py pads them; the adapter row-parallel). A tied head keeps no copy on the last stage: the
-    first stage's weight is sent to it every round (a transient, see `evaluate_layout`)."""
+    first stage's weight is sent to it every step (a transient, see `evaluate_layout`)."""
     blk = counts.block
     n_blocks = st.prelude + st.core + st.coda
     elems = n_blocks * (blk.sharded / tp + blk.replicated)

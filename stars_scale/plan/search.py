@@ -128,7 +128,7 @@ def evaluate_layout(run: RunConfig, counts: ParamCounts, ds: DepthStats, *, tp: 
         b = 4 if dtype == "fp32" else 2
         transient = (batch * seq * vocab_rows_per_rank(m, tp) * 4 if st.last else 0.0) \
             + batch * seq * 2 * _mlp_hidden(m) / tp * b
-        if st.last and m.tie_embeddings and pp > 1:  # the tied weight received for the round, fp32
+        if st.last and m.tie_embeddings and pp > 1:  # the tied weight received for the step, fp32
             transient += vocab_rows_per_rank(m, tp) * m.hidden * 4
         total = state.total + a_p99 + transient
         per_stage.append(StageMemory(state, a_p99, transient, total))
