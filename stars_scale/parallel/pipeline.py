@@ -190,7 +190,8 @@ class _Micro:
     """One microbatch's state on this stage during the step."""
 
     batch: dict
-    micro: int
+    index: int  # its place in this step's list (names its messages)
+    micro: int  # the global microbatch id (seeds its draws)
     gen: torch.Generator  # the estimator's draws, the same on every rank
     probe: Probe | None
     rows: int
@@ -251,8 +252,8 @@ class LoopPipeline:
                            in_flight=max_in_flight(mine, sum(grads), len(plan)))
         stats.span_ticks, idle = simulated_ticks(P, order, grads, iters)
         stats.idle_ticks = idle[ps.pp_rank]
-        mbs = [self._micro(b, mi, stars, step, seed, bool(sum(p.kind == "fd" for p in plan)), sum(grads))
-               for b, mi in zip(batches, micro_ids)]
+        mbs = [self._micro(i, b, mi, stars, step, seed, bool(sum(p.kind == "fd" for p in plan)), sum(grads))
+               for i, (b, mi) in enumerate(zip(batches, micro_ids))]
         net = self._channels(order, plan, mbs)
         meter = HeldBytes(self.model) if self.measure else None
         acc: dict[nn.Parameter, torch.Tensor] | None = {} if backward is not None else None
@@ -275,12 +276,12 @@ class LoopPipeline:
                             rho=None if mb.est is None else float(mb.est.rho),
                             tokens=mb.batch["input_ids"].numel()) for mb in mbs]
 
-    def _micro(self, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool, backwards: int) -> _Micro:
+    def _micro(self, index: int, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool, backwards: int) -> _Micro:
         gen = estimator_generator(seed, step, mi)
         rows = b["input_ids"].shape[0]
         probe = draw_probe(stars, gen, rows) if fd else None
         probe_rows = rows if probe is None or probe.rows is None else len(probe.rows)
-        return _Micro(b, mi, gen, probe, rows, probe_rows, backwards_left=backwards)
+        return _Micro(b, index, mi, gen, probe, rows, probe_rows, backwards_left=backwards)
 
     def _channels(self, order, plan: list[Pass], mbs: list[_Micro]) -> Channels:
         """What each stage sends to this one, in the order it sends it (every rank knows every list)."""
@@ -391,7 +392,7 @@ class _Step:
         """This stage's input of pass k (the leaf to send the gradient of, if any) and e."""
         ps, model, p = self.ps, self.model, self.plan[k]
         if self.pipe.first and k == 0:
-            with self._record(("encode", mb.micro)):
+            with self._record(("encode", mb.index)):
                 mb.e = model.encode(mb.batch["input_ids"].to(ps.device))
             mb.e_leaf = mb.e.detach().requires_grad_()
             if mb.probe is not None:
@@ -400,7 +401,7 @@ class _Step:
                 x = model.init_state(mb.e_leaf, init_state_generator(self.seed, self.step, mb.micro, ps.device))
             return x, None, mb.e_leaf
         src = ps.prev_rank if not self.pipe.first else ps.pp_ranks[-1]
-        x = self.net.recv(src, ("x", mb.micro, k))
+        x = self.net.recv(src, ("x", mb.index, k))
         # stage 0 receives the state with a graph only between two gradient-carrying iterations
         leaf = p.grad and (not self.pipe.first or _linked(self.plan, k - 1))
         if leaf:
@@ -417,7 +418,7 @@ class _Step:
         out = y.detach().requires_grad_(p.grad)
         if p.grad:
             mb.leaves[k] = out
-        with self._record(("loss", mb.micro)), autocast_context(self.dtype, self.ps.device):
+        with self._record(("loss", mb.index)), autocast_context(self.dtype, self.ps.device):
             if p.kind == "iter":
                 with torch.set_grad_enabled(True):
                     logits = self.model.decode(out)
@@ -445,7 +446,7 @@ class _Step:
             self.weight.grad = got[-1] if self.weight.grad is None else self.weight.grad + got[-1]
         mb.leaves.clear()
         if self.meter is not None:
-            self.meter.free(("loss", mb.micro))
+            self.meter.free(("loss", mb.index))
 
     # ------------------------------------------------------------------ backward of a pass
 
@@ -453,11 +454,11 @@ class _Step:
         ps, mb, k = self.ps, self.mbs[task.micro], task.k
         y, leaf = mb.saved.pop(k)
         if not self.pipe.last:
-            g = self.net.recv(ps.next_rank, ("g", mb.micro, k))
+            g = self.net.recv(ps.next_rank, ("g", mb.index, k))
         else:
             g = mb.out_grads.pop(k, None)
             if _linked(self.plan, k):
-                got = self.net.recv(ps.pp_ranks[0], ("g", mb.micro, k))
+                got = self.net.recv(ps.pp_ranks[0], ("g", mb.index, k))
                 g = got if g is None else g + got
             if g is None:
                 g = torch.zeros_like(y)
@@ -470,7 +471,7 @@ class _Step:
         if use_e and got[-1] is not None:
             mb.e_grad = got[-1] if mb.e_grad is None else mb.e_grad + got[-1]
         if self.meter is not None:
-            self.meter.free(("pass", mb.micro, k))
+            self.meter.free(("pass", mb.index, k))
         mb.backwards_left -= 1
         if mb.backwards_left == 0:
             self._finish(mb)
@@ -481,4 +482,4 @@ class _Step:
             self._grad([mb.e], [mb.e_grad], [])
         mb.e = mb.e_leaf = mb.e_grad = mb.e_probe = None
         if self.meter is not None:
-            self.meter.free(("encode", mb.micro))
+            self.meter.free(("encode", mb.index))
