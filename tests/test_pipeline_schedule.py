@@ -90,10 +90,11 @@ def test_1f1b_bubble_is_no_worse_than_gpipe(M):
 @pytest.mark.parametrize("P,M,plan", [(2, 5, (1, 2, 3)), (3, 7, (2, 3, 3)), (4, 9, (0, 4, 0)), (3, 2, (1, 1, 2))])
 def test_1f1b_holds_at_most_p_microbatches_of_passes(P, M, plan):
     """Whatever the plan (free iterations, estimator passes), a stage never holds more than
-    min(P, M) microbatches' gradient-carrying passes plus P - 1, and every backward follows its forward."""
+    min(P, M) microbatches' gradient-carrying passes plus one, and every backward follows its forward."""
     grads, iters = _plan(*plan)
     sched = schedule.build(P, M, grads, iters, "1f1b")
     schedule.simulated_ticks(P, sched, grads, iters)  # every dependency met (no deadlock)
+    peaks = []
     for tasks in sched:
         held = most = 0
         seen = set()
@@ -105,4 +106,6 @@ def test_1f1b_holds_at_most_p_microbatches_of_passes(P, M, plan):
                 assert (t.micro, t.k) in seen
                 held -= 1
             most = max(most, held)
-        assert most <= min(P, M) * sum(grads) + P - 1, (most, P, M, plan)
+        assert most <= min(P, M) * sum(grads) + 1, (most, P, M, plan)
+        peaks.append(most)
+    assert peaks == schedule.peak_held(P, M, grads, iters, "1f1b")

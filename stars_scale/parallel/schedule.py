@@ -16,9 +16,9 @@ it is sent) and returns each stage's task order; every rank computes the same li
 receives waiting in that order cannot deadlock: every receive's message was sent at an earlier
 simulated tick by a stage executing its own list.
 
-    1f1b   backward first; a stage starts a new microbatch only while fewer than min(P, M) are in
-           flight on it (started, backward not finished): activations of at most P microbatches
-           are held, whatever M, and a freed slot is refilled at once (one fill, one drain).
+    1f1b   forward first while the stage holds fewer than min(P, M) microbatches' gradient-
+           carrying passes (+ at most one pass of slack), else backward: activations of at most
+           ~P microbatches are held whatever M, and freed room is refilled at once.
     gpipe  forward first, no limit: all M microbatches' activations are held until the drain.
 """
 from __future__ import annotations
@@ -47,16 +47,16 @@ def build(pp: int, microbatches: int, grads: tuple[bool, ...], iters: tuple[bool
     """Each stage's tasks in execution order. `grads[k]`: pass k carries gradients (has a backward);
     `iters[k]`: pass k is a loop iteration (else an estimator evaluation).
 
-    1f1b: a stage holds at most min(P, M) microbatches' gradient-carrying passes plus `slack`
-    passes. Packing the ring perfectly can need a pass or two more than min(P, M) microbatches
-    (stage 0 starts the next microbatch before the first backward reaches it), so the slack is
-    the smallest of 0..P - 1 whose simulated idle time is the least."""
+    1f1b: a stage holds at most min(P, M) microbatches' gradient-carrying passes plus a slack of
+    0 or 1 pass. Packing the ring perfectly can need one pass more than min(P, M) microbatches
+    (stage 0 starts the next microbatch before the first backward reaches it): the slack is 1
+    only where that gives less simulated idle time."""
     if order not in ("1f1b", "gpipe"):
         raise ValueError(f"parallel.schedule: expected 1f1b or gpipe, got {order!r}")
     if order == "gpipe":
         return _greedy(pp, microbatches, grads, iters, order, 0)
     best = None
-    for slack in range(max(1, pp)):
+    for slack in (0, 1):
         sched = _greedy(pp, microbatches, grads, iters, order, slack)
         idle = sum(simulated_ticks(pp, sched, grads, iters)[1])
         if best is None or idle < best[0]:
@@ -66,76 +66,89 @@ def build(pp: int, microbatches: int, grads: tuple[bool, ...], iters: tuple[bool
 
 def _greedy(pp: int, microbatches: int, grads: tuple[bool, ...], iters: tuple[bool, ...], order: str,
             slack: int) -> tuple[tuple[Task, ...], ...]:
+    """The simulation: every tick each stage runs its smallest-numbered ready forward while it
+    has room (1f1b: fewer than min(P, M) microbatches' gradient-carrying passes plus `slack` held,
+    at most min(P, M) + 1 microbatches started and unfinished), else its smallest ready backward.
+    A task becomes ready the tick after its inputs are done (event-driven: O(tasks))."""
     P, M, K = pp, microbatches, len(grads)
     limit = round_size(order, P, M)
     back = [k for k in range(K - 1, -1, -1) if grads[k]]
-    done: dict[tuple[str, int, int, int], int] = {}  # (op, m, k, stage) -> tick it finished
-    started = [0] * P  # microbatches started per stage (they start in order)
-    finished = [[0] * M for _ in range(P)]  # backward passes done per (stage, microbatch)
+    budget = limit * len(back) + slack
+    cap = limit + (1 if order == "1f1b" else 0)
+    done: set[tuple[str, int, int, int]] = set()  # (op, m, k, stage)
     nxt_f = [[0] * M for _ in range(P)]  # next forward pass per (stage, microbatch)
     nxt_b = [[0] * M for _ in range(P)]  # index into `back` per (stage, microbatch)
+    fready: list[set[int]] = [set() for _ in range(P)]  # microbatches whose next forward is ready
+    bready: list[set[int]] = [set() for _ in range(P)]
+    started, held, live = [0] * P, [0] * P, [0] * P
     out: list[list[Task]] = [[] for _ in range(P)]
     total = P * M * (K + len(back))
-    t, n = 0, 0
+    if M:
+        fready[0].add(0)
 
-    def ready(key, tick):
-        return key in done and done[key] < tick
-
-    def can_forward(s, m, tick):
-        k = nxt_f[s][m]
-        if k >= K:
+    def f_ready(m, k, s):
+        if k >= K or nxt_f[s][m] != k:
             return False
         if s > 0:
-            return ready(("F", m, k, s - 1), tick)
-        return k == 0 or ready(("F", m, k - 1, P - 1), tick)
+            return ("F", m, k, s - 1) in done
+        return k == 0 or ("F", m, k - 1, P - 1) in done
 
-    def can_backward(s, m, tick):
+    def b_ready(m, s):
         i = nxt_b[s][m]
         if i >= len(back):
             return False
         k = back[i]
         if s < P - 1:
-            return ready(("B", m, k, s + 1), tick)
-        if not ready(("F", m, K - 1, P - 1), tick):
-            return False
-        return not linked(grads, iters, k) or ready(("B", m, k + 1, 0), tick)
+            return ("B", m, k, s + 1) in done
+        return ("F", m, K - 1, P - 1) in done and (not linked(grads, iters, k) or ("B", m, k + 1, 0) in done)
 
-    def held(s):  # gradient-carrying passes whose activations stage s holds
-        return sum(sum(grads[:nxt_f[s][m]]) - finished[s][m] for m in range(started[s]))
-
-    def live(s):
-        return sum(1 for m in range(started[s]) if finished[s][m] < len(back) or nxt_f[s][m] < K)
-
-    budget = limit * len(back) + slack
+    t = n = 0
     stalled = False
     while n < total:
-        progressed = False
+        finished: list[tuple[str, int, int, int]] = []
         for s in range(P):
-            room = held(s) < budget
-            fwd = [m for m in range(started[s]) if can_forward(s, m, t) and (room or not grads[nxt_f[s][m]])]
-            if started[s] < M and can_forward(s, started[s], t) and (room or not grads[0]) \
-                    and live(s) < limit + (1 if order == "1f1b" else 0):
-                fwd.append(started[s])
+            room = held[s] < budget
+            fwd = [m for m in fready[s] if room or not grads[nxt_f[s][m]]]
+            fwd = [m for m in fwd if m < started[s] or live[s] < cap]
             if not fwd and stalled:  # the budget blocks every stage: the oldest forward goes on
-                fwd = [m for m in range(started[s]) if can_forward(s, m, t)][:1]
-            bwd = [m for m in range(started[s]) if can_backward(s, m, t)]
+                fwd = [min(m for m in fready[s] if m < started[s])] if any(m < started[s] for m in fready[s]) else []
             if fwd:
                 op, m = "F", min(fwd)
                 k = nxt_f[s][m]
+                fready[s].discard(m)
                 nxt_f[s][m] += 1
-                started[s] = max(started[s], m + 1)
-            elif bwd:
-                op, m = "B", min(bwd)
+                held[s] += grads[k]
+                if m == started[s]:
+                    started[s] += 1
+                    live[s] += 1
+            elif bready[s]:
+                op, m = "B", min(bready[s])
                 k = back[nxt_b[s][m]]
+                bready[s].discard(m)
                 nxt_b[s][m] += 1
-                finished[s][m] += 1
+                held[s] -= 1
             else:
                 continue
-            done[(op, m, k, s)] = t
+            if nxt_f[s][m] == K and nxt_b[s][m] == len(back):
+                live[s] -= 1
             out[s].append(Task(op, m, k))
+            finished.append((op, m, k, s))
             n += 1
-            progressed = True
-        stalled = not progressed
+        stalled = not finished
+        done.update(finished)
+        for op, m, k, s in finished:  # what the finished tasks make ready for the next tick
+            cands = [("F", m, s)]
+            if op == "F":
+                cands += [("F", m, s + 1)] if s < P - 1 else [("F", m, 0), ("B", m, s)]
+                if s == 0 and k == 0 and m + 1 < M:
+                    cands.append(("F", m + 1, 0))
+            else:
+                cands += [("B", m, s)] + ([("B", m, s - 1)] if s > 0 else [("B", m, P - 1)])
+            for c_op, c_m, c_s in cands:
+                if c_op == "F" and f_ready(c_m, nxt_f[c_s][c_m], c_s):
+                    fready[c_s].add(c_m)
+                elif c_op == "B" and b_ready(c_m, c_s):
+                    bready[c_s].add(c_m)
         t += 1
         if t > 4 * total + 4 * P:
             raise RuntimeError("pipeline schedule did not converge")  # a bug, never user input
@@ -191,3 +204,17 @@ def max_in_flight(schedule: tuple[Task, ...], backward_passes: int, passes: int)
         if left - 1 == 0:
             live -= 1
     return most
+
+
+def peak_held(pp: int, microbatches: int, grads: tuple[bool, ...], iters: tuple[bool, ...],
+              order: str) -> list[int]:
+    """The most gradient-carrying passes whose activations each stage holds at once (the planner's
+    activation count: divided by the passes per microbatch, the microbatches in flight)."""
+    out = []
+    for tasks in build(pp, microbatches, grads, iters, order):
+        held = most = 0
+        for task in tasks:
+            held += grads[task.k] if task.op == "F" else -1
+            most = max(most, held)
+        out.append(most)
+    return out

@@ -45,7 +45,7 @@ def format_plan(p: Plan, show: Literal["all", "fit", "config"] = "all") -> str:
         f"(mb), without and with loop checkpointing at the mean and p99 depth; total = state + "
         f"{p.checkpointing}-checkpointing activations at p99 + transient:",
         f"  {'tp':>3} {'pp':>3} {'dp':>4} {'zero':>4} | {'weights':>9} {'grads':>9} {'optim':>9} | "
-        f"{'mb':>2} {'none@mean':>9} {'none@p99':>9} {'loop@mean':>9} {'loop@p99':>9} "
+        f"{'mb':>4} {'none@mean':>9} {'none@p99':>9} {'loop@mean':>9} {'loop@p99':>9} "
         f"{'transient':>9} | {'total':>9}  fits",
     ]
     shown = 0
@@ -69,7 +69,7 @@ def format_plan(p: Plan, show: Literal["all", "fit", "config"] = "all") -> str:
         assert s is not None
         lines.append(
             f"  {lp.tp:>3} {lp.pp:>3} {lp.dp:>4} {lp.zero:>4} | {fmt_bytes(s.weights):>9} "
-            f"{fmt_bytes(s.grads):>9} {fmt_bytes(s.optim):>9} | {lp.in_flight:>2} "
+            f"{fmt_bytes(s.grads):>9} {fmt_bytes(s.optim):>9} | {lp.in_flight:>4.3g} "
             f"{fmt_bytes(lp.act_mean_no_ckpt):>9} {fmt_bytes(lp.act_p99_no_ckpt):>9} "
             f"{fmt_bytes(lp.act_mean_loop_ckpt):>9} {fmt_bytes(lp.act_p99_loop_ckpt):>9} "
             f"{fmt_bytes(lp.transient):>9} | {fmt_bytes(lp.total):>9}  {'yes' if lp.fits else 'no'}{mark}")

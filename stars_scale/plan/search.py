@@ -9,7 +9,8 @@ from typing import Optional
 from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
 from stars_scale.model.layers import mlp_hidden as _mlp_hidden
-from stars_scale.parallel.layout import layout_problems, round_size
+from stars_scale.parallel.layout import layout_problems
+from stars_scale.parallel.schedule import peak_held
 from stars_scale.plan.counting import DepthStats, Flops, ParamCounts, depth_stats, flops_per_token, param_counts
 from stars_scale.plan.memory import StateBytes, activation_bytes, stage_param_elems, stage_shapes, state_bytes, vocab_rows_per_rank
 from stars_scale.plan.report import fmt_bytes
@@ -52,7 +53,7 @@ class LayoutPlan:
     reasons: list[str] = field(default_factory=list)  # why invalid / why it does not fit
     stage: int = 0  # the fullest stage
     state: Optional[StateBytes] = None
-    # saved activations in flight on that stage (in_flight microbatches), at the mean and the
+    # saved activations in flight on that stage (in_flight microbatches' worth), at the mean and the
     # 99th-percentile depth: under the configured checkpointing, without, and with loop
     act_mean: float = 0.0
     act_p99: float = 0.0
@@ -61,7 +62,7 @@ class LayoutPlan:
     act_mean_loop_ckpt: float = 0.0
     act_p99_loop_ckpt: float = 0.0
     transient: float = 0.0
-    in_flight: int = 1
+    in_flight: float = 1.0
     total: float = 0.0  # peak bytes per GPU at the 99th-percentile depth
     fits: bool = False
     is_config: bool = False
@@ -115,14 +116,15 @@ def evaluate_layout(run: RunConfig, counts: ParamCounts, ds: DepthStats, *, tp: 
     if problems:
         return lp
     mean_grad = max(int(round(ds.mean_grad)), 0)
-    in_flight = round_size(run.parallel.schedule, pp, microbatches) if pp > 1 else 1
+    n_free = max(int(round(ds.mean_free)), 0)
     best = None
     per_stage = []
     for s, st in enumerate(stage_shapes(m, pp)):
         state = state_bytes(stage_param_elems(m, counts, st, tp), dtype, zero, dp)
 
         def act(n_grad: int, mode: str) -> float:
-            return in_flight * activation_bytes(m, batch, seq, n_grad, mode, dtype, tp, st).total
+            return in_flight(run, pp, microbatches, n_free, n_grad)[s] \
+                * activation_bytes(m, batch, seq, n_grad, mode, dtype, tp, st).total
 
         a_mean, a_p99 = act(mean_grad, ckpt), act(ds.p99_grad, ckpt)
         b = 4 if dtype == "fp32" else 2
@@ -137,13 +139,25 @@ def evaluate_layout(run: RunConfig, counts: ParamCounts, ds: DepthStats, *, tp: 
                 lp, stage=s, state=state, act_mean=a_mean, act_p99=a_p99,
                 act_mean_no_ckpt=act(mean_grad, "none"), act_p99_no_ckpt=act(ds.p99_grad, "none"),
                 act_mean_loop_ckpt=act(mean_grad, "loop"), act_p99_loop_ckpt=act(ds.p99_grad, "loop"),
-                transient=transient, in_flight=in_flight, total=total)
+                transient=transient, in_flight=in_flight(run, pp, microbatches, n_free, mean_grad)[s],
+                total=total)
     assert best is not None
     best.stages = per_stage
     best.fits = best.total <= usable
     if not best.fits:
         best.reasons = [_why_not(best, usable, ckpt)]
     return best
+
+
+def in_flight(run: RunConfig, pp: int, microbatches: int, n_free: int, n_grad: int) -> list[float]:
+    """Microbatches' worth of activations each stage holds at once under the configured schedule:
+    the schedule's most held gradient-carrying passes over the passes per microbatch (1f1b:
+    about min(pp, M), gpipe: M; the estimator's passes are not counted)."""
+    if pp == 1 or n_grad == 0:
+        return [1.0] * pp
+    grads = (False,) * n_free + (True,) * n_grad
+    held = peak_held(pp, microbatches, grads, (True,) * len(grads), run.parallel.schedule)
+    return [h / n_grad for h in held]
 
 
 def _why_not(lp: LayoutPlan, usable: float, ckpt: str) -> str:
