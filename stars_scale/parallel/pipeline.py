@@ -23,13 +23,13 @@ F(m, k), the forward of pass k of microbatch m, and B(m, k), its backward: a man
 `torch.autograd.grad` from the pass's output with the gradient that the next stage (or, for the
 state going round, stage 0) sent back, giving the parameters' gradients and the input's, which
 goes to the stage the input came from. `1f1b` starts a new microbatch as soon as old backwards
-have freed room for it (at most min(P, M) microbatches' gradient-carrying passes held, plus a
-pass or two of slack where that keeps the ring full); `gpipe` runs every forward first.
+have freed room for it (at most min(P, M) microbatches' gradient-carrying passes held, plus one
+pass of slack where that keeps the ring full); `gpipe` runs every forward first.
 
 The parameters' gradients go straight into `.grad` (zero 0), or, under DeepSpeed, are summed in a
 buffer and handed over in one backward per step (`sum(p · g)`, whose gradient is g exactly), so
-DeepSpeed's accumulation sees one backward call whatever the schedule. The last stage's loss is differentiated as soon as the
-microbatch's last pass is done, so its decode graph is never held. e (stage 0) and the tied head's
+DeepSpeed's accumulation sees one backward call whatever the schedule. The last stage's loss is
+differentiated as soon as the microbatch's last pass is done, so its decode graph is never held. e (stage 0) and the tied head's
 weight (last stage) are leaves whose gradients are summed over the passes and sent on at the end.
 """
 from __future__ import annotations
@@ -276,7 +276,8 @@ class LoopPipeline:
                             rho=None if mb.est is None else float(mb.est.rho),
                             tokens=mb.batch["input_ids"].numel()) for mb in mbs]
 
-    def _micro(self, index: int, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool, backwards: int) -> _Micro:
+    def _micro(self, index: int, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool,
+               backwards: int) -> _Micro:
         gen = estimator_generator(seed, step, mi)
         rows = b["input_ids"].shape[0]
         probe = draw_probe(stars, gen, rows) if fd else None
