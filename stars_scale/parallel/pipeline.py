@@ -29,8 +29,9 @@ pass of slack where that keeps the ring full); `gpipe` runs every forward first.
 The parameters' gradients go straight into `.grad` (zero 0), or, under DeepSpeed, are summed in a
 buffer and handed over in one backward per step (`sum(p · g)`, whose gradient is g exactly), so
 DeepSpeed's accumulation sees one backward call whatever the schedule. The last stage's loss is
-differentiated as soon as the microbatch's last pass is done, so its decode graph is never held. e (stage 0) and the tied head's
-weight (last stage) are leaves whose gradients are summed over the passes and sent on at the end.
+differentiated as soon as the microbatch's last pass is done, so its decode graph is never held.
+e (stage 0) and the tied head's weight (last stage) are leaves whose gradients are summed over
+the passes and sent on at the end.
 """
 from __future__ import annotations
 
