@@ -254,6 +254,9 @@ class TrainConfig:
     nonfinite: Literal["skip", "rollback", "stop"] = "skip"
     max_skips: int = 3
     rollback_lr_scale: float = 0.5
+    # torch.compile regions (stars_scale/parallel/compile.py): none | block (each transformer
+    # block) | model (the prelude, one loop iteration of the core, the coda + head)
+    compile: Literal["none", "block", "model"] = "none"
 
     def validate(self, at: str = "train") -> None:
         _range(self, at, 1, _MAX_INT, "steps", "grad_accum", "log_every", "keep_last", "max_failed_saves")

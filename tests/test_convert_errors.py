@@ -153,9 +153,9 @@ def test_bad_depth_scaling_json(tmp_path, llama_dir):
 def test_tampered_converted_checkpoint(tmp_path, llama_dir):
     import_checkpoint("llama", llama_dir, tmp_path / "ckpt", core="1-2")
     w = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
-    w["core.0.attn.q_proj.weight"] = torch.zeros(2, 2)
+    w["core.0.attn.qkv_proj.weight"] = torch.zeros(2, 2)
     save_file(w, str(tmp_path / "ckpt" / "model.safetensors"))
-    with pytest.raises(UserError, match=r"model\.safetensors: tensor core\.0\.attn\.q_proj\.weight has shape"):
+    with pytest.raises(UserError, match=r"model\.safetensors: tensor core\.0\.attn\.qkv_proj\.weight has shape"):
         export_checkpoint(tmp_path / "ckpt", "hf", tmp_path / "out")
 
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from stars_scale.config import ModelConfig, RunConfig, load_config, save_config
 from stars_scale.convert.hfdir import read_json, write_safetensors
 from stars_scale.errors import UserError
+from stars_scale.model.fused import fuse_state_dict
 from stars_scale.model.looped import LoopedLM
 from stars_scale.utils import StagedDir, atomic_write_json
 
@@ -106,7 +107,7 @@ def load_converted_run(path: str | Path) -> tuple[RunConfig, dict[str, torch.Ten
     if not (d / WEIGHTS_NAME).is_file() and (d / "model.pt").is_file():  # a stars-train checkpoint
         from stars_scale.train.checkpoint import load_tensor_file
 
-        sd = dict(load_tensor_file(d / "model.pt"))
+        sd = fuse_state_dict(dict(load_tensor_file(d / "model.pt")), run.model)  # older layouts too
         check_state_dict(run.model, storable(run.model, sd), str(d / "model.pt"))
         return run, sd
     wpath = d / WEIGHTS_NAME
@@ -121,6 +122,7 @@ def load_converted_run(path: str | Path) -> tuple[RunConfig, dict[str, torch.Ten
         raise
     except Exception as e:
         raise UserError(f"{wpath}: not a readable safetensors file: {e}") from None
+    sd = fuse_state_dict(sd, run.model)  # separate q/k/v, gate/up of older versions
     check_state_dict(run.model, sd, str(wpath))
     if run.model.tie_embeddings:
         sd["lm_head.weight"] = sd["embed.weight"]

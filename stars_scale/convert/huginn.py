@@ -30,6 +30,7 @@ from stars_scale.config import DepthConfig, ModelConfig, RunConfig
 from stars_scale.convert.hfdir import HFDir
 from stars_scale.convert.rope_layout import half_to_interleaved, interleaved_to_half
 from stars_scale.errors import UserError
+from stars_scale.model.fused import fuse_state_dict, unfuse_state_dict
 from stars_scale.stars.depth import median_depth
 
 MODEL_TYPE = "huginn_raven"
@@ -175,7 +176,7 @@ def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
     src.require_all_used("huginn_raven")
     notes = {"sampling_scheme": src.config.get("sampling_scheme"),
              "rope": "interleaved in the source; q/k rows permuted to rotate-half"}
-    return run, sd, notes
+    return run, fuse_state_dict(sd, run.model), notes
 
 
 # ---------------------------------------------------------------------- export
@@ -227,6 +228,7 @@ def check_freqs_cis(src: HFDir, head_dim: int, block_size: int, base: float) -> 
 
 
 def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    sd = unfuse_state_dict(sd, run.model)  # the format's separate projections
     m = run.model
     problems = []
     checks = [

@@ -25,6 +25,7 @@ from stars_scale.config import DepthConfig, ModelConfig, RunConfig
 from stars_scale.convert.decoder_config import check_model_type, read_decoder_shape
 from stars_scale.convert.hfdir import HFDir
 from stars_scale.errors import UserError
+from stars_scale.model.fused import fuse_state_dict
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -134,4 +135,4 @@ def import_llama(src: HFDir, prelude: str | None, core: str | None, coda: str | 
     src.require_all_used(mt)
     notes = {"model_type": mt, "layers": {"prelude": pre, "core": cor, "coda": cod},
              "dropped": sorted(set(range(d.layers)) - kept), "state_weight": state_weight}
-    return run, sd, notes
+    return run, fuse_state_dict(sd, run.model), notes

@@ -17,6 +17,7 @@ from stars_scale.config import RunConfig, config_from_dict
 from stars_scale.convert.checkpoint import expected_shapes
 from stars_scale.convert.hfdir import HFDir
 from stars_scale.errors import ConfigError, UserError
+from stars_scale.model.fused import fuse_state_dict, unfuse_state_dict
 
 MODEL_TYPE = "stars_looped"
 ARCH = "StarsLoopedLM"
@@ -36,9 +37,14 @@ def import_native(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
         if key in src.config and src.config[key] != want:
             raise UserError(f"{cp}: {key} is {src.config[key]!r} but the stars_scale section's model gives {want!r}; "
                             "the two disagree (edited by hand?): make them agree or re-export")
-    sd = {name: src.get(name, shape) for name, shape in expected_shapes(run.model).items()}
+    want = expected_shapes(run.model)
+    if any(name.endswith("attn.q_proj.weight") for name in src.files):  # written before the fusion
+        with torch.device("meta"):
+            meta = unfuse_state_dict({k: torch.empty(s) for k, s in want.items()}, run.model)
+        want = {k: tuple(t.shape) for k, t in meta.items()}
+    sd = {name: src.get(name, shape) for name, shape in want.items()}
     src.require_all_used(MODEL_TYPE)
-    return run, sd, {}
+    return run, fuse_state_dict(sd, run.model), {}
 
 
 def _hf_keys(m) -> dict[str, Any]:

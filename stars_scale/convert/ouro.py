@@ -22,6 +22,7 @@ from stars_scale.config import DepthConfig, ModelConfig, RunConfig
 from stars_scale.convert.decoder_config import check_model_type, read_decoder_shape
 from stars_scale.convert.hfdir import HFDir
 from stars_scale.errors import UserError
+from stars_scale.model.fused import fuse_state_dict, unfuse_state_dict
 from stars_scale.stars.depth import median_depth
 
 MODEL_TYPE = "ouro"
@@ -88,10 +89,11 @@ def import_ouro(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[st
         sd["lm_head.weight"] = src.get("lm_head.weight", (d.vocab, d.hidden),
                                        "tie_word_embeddings=false")
     src.require_all_used("ouro")
-    return run, sd, {"total_ut_steps": steps}
+    return run, fuse_state_dict(sd, run.model), {"total_ut_steps": steps}
 
 
 def export_ouro(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    sd = unfuse_state_dict(sd, run.model)  # the format's separate projections
     m = run.model
     checks = [
         (m.n_prelude == 0 and m.n_coda == 0, "model.n_prelude and model.n_coda must be 0"),

@@ -1,7 +1,8 @@
 """Transformer building blocks: norms, rotary positions, attention, MLP and the block.
 
 Plain single-device modules. Tensor parallelism replaces the `nn.Linear`s named below
-(q/k/v/o, gate/up/down, fc) from `stars_scale.parallel`; nothing here knows about it.
+(qkv/o, gate_up/down) from `stars_scale.parallel`; nothing here knows about it. The fused
+projections' layouts (head-grouped QKV, `cat(gate, up)`) are described in `fused.py`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from stars_scale import kernels
 from stars_scale.config import ModelConfig
 from stars_scale.model.attention import attend, attend_cached
+from stars_scale.model.dropout import Dropout, active_masks, attention_with_mask
+from stars_scale.model.fused import qkv_bias_flags, upgrade_attention_keys, upgrade_mlp_keys
 
 
 class RMSNorm(nn.Module):
@@ -74,24 +77,21 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mode: str = "t
     return kernels.rope(x, cos, sin) if kernels.fused(mode, x) else apply_rope(x, cos, sin)
 
 
-def qkv_bias_flags(cfg: ModelConfig) -> tuple[bool, bool]:
-    """(q and k have a bias, v has a bias): `qkv_bias` when set, else `bias` for all three."""
-    if cfg.qkv_bias is None:
-        return cfg.bias, cfg.bias
-    return cfg.qkv_bias in ("qk", "qkv"), cfg.qkv_bias == "qkv"
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.heads
         self.n_kv = cfg.kv_heads or cfg.heads
         self.head_dim = cfg.hidden // cfg.heads
+        self.group = self.n_heads // self.n_kv  # query heads per KV group
         qk_b, v_b = qkv_bias_flags(cfg)
-        self.q_proj = nn.Linear(cfg.hidden, self.n_heads * self.head_dim, bias=qk_b)
-        self.k_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=qk_b)
-        self.v_proj = nn.Linear(cfg.hidden, self.n_kv * self.head_dim, bias=v_b)
+        # One fused projection, Megatron's head-grouped layout (see fused.py). A q/k bias
+        # without a v bias (Huginn) is the separate `qk_bias` in the same grouping.
+        self.qkv_proj = nn.Linear(cfg.hidden, (self.n_heads + 2 * self.n_kv) * self.head_dim, bias=v_b)
+        self.qk_bias = (nn.Parameter(torch.zeros(self.n_kv, self.group + 1, self.head_dim))
+                        if qk_b and not v_b else None)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden, bias=cfg.bias)
+        self._register_load_state_dict_pre_hook(self._upgrade_old_layout)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
@@ -109,19 +109,28 @@ class Attention(nn.Module):
             rope = (rope[0][kv_cache.offset:], rope[1][kv_cache.offset:])
         # Head counts are read off the projections so a tensor-parallel shard (fewer local
         # heads) runs the same code.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x).view(B, T, -1, self.group + 2, self.head_dim)
+        if self.qk_bias is not None:
+            qkv = qkv + F.pad(self.qk_bias, (0, 0, 0, 1))  # zero bias on v
+        q, k, v = qkv.split([self.group, 1, 1], dim=3)
+        q = q.reshape(B, T, -1, self.head_dim).transpose(1, 2)
+        k, v = k.squeeze(3).transpose(1, 2), v.squeeze(3).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotary(q, *rope, self.kernels), rotary(k, *rope, self.kernels)
+        masks = active_masks() if self.training and self.dropout > 0 else None
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             y = attend_cached(q, k, v, self.backend)
+        elif masks is not None:  # the STARS probe: the same dropout masks on every evaluation
+            y = attention_with_mask(q, k, v, self.dropout, masks)
         else:
             y = attend(q, k, v, self.backend, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _upgrade_old_layout(self, sd, prefix, *args) -> None:
+        upgrade_attention_keys(sd, prefix, self.group, self.head_dim, self.qk_bias is None)
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -137,9 +146,9 @@ class MLP(nn.Module):
         super().__init__()
         inner = mlp_hidden(cfg)
         self.kind = cfg.mlp
-        if cfg.mlp == "swiglu":
-            self.gate_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
-            self.up_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
+        if cfg.mlp == "swiglu":  # one projection, output cat(gate, up) (see fused.py)
+            self.gate_up_proj = nn.Linear(cfg.hidden, 2 * inner, bias=cfg.bias)
+            self._register_load_state_dict_pre_hook(self._upgrade_old_layout)
         else:
             self.up_proj = nn.Linear(cfg.hidden, inner, bias=cfg.bias)
         self.down_proj = nn.Linear(inner, cfg.hidden, bias=cfg.bias)
@@ -148,11 +157,15 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.fused(self.kernels, x):  # the fused activations read the cat(gate, up) layout
             if self.kind == "swiglu":
-                return self.down_proj(kernels.swiglu(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)))
+                return self.down_proj(kernels.swiglu(self.gate_up_proj(x)))
             return self.down_proj(kernels.gelu(self.up_proj(x)))
         if self.kind == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.gelu(self.up_proj(x)))
+
+    def _upgrade_old_layout(self, sd, prefix, *args) -> None:
+        upgrade_mlp_keys(sd, prefix)
 
 
 class Block(nn.Module):
@@ -175,7 +188,7 @@ class Block(nn.Module):
         if self.placement in ("sandwich", "peri"):
             self.norm3 = make_norm(cfg)
             self.norm4 = make_norm(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache=None) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.model.looped import LoopedLM
+from stars_scale.parallel.tensor import gather_shards
 
 _CORE = re.compile(r"^core\.(\d+)\.")
 
@@ -41,7 +42,7 @@ def full_state_dict(model, ps, core_offset: int, model_cfg) -> dict[str, torch.T
         if p is not None and getattr(p, "tensor_model_parallel", False) and ps.tp > 1:
             parts = [torch.empty_like(t) for _ in range(ps.tp)]
             dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
-            t = torch.cat(parts, dim=p.partition_dim)
+            t = gather_shards(parts, p.partition_dim, getattr(p, "partition_stride", 1))
         fname = full_name(name, core_offset)
         if fname in shapes and t.shape != shapes[fname]:  # vocabulary padding
             t = t.narrow(0, 0, shapes[fname][0])

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
+from stars_scale.model.fused import refuse_unfused_resume
 from stars_scale.parallel.consolidate import full_state_dict
 from stars_scale.parallel.data_parallel import build_data_parallel
 from stars_scale.parallel.pipeline import HeldBytes, LoopPipeline, split_stage
@@ -245,7 +246,9 @@ class Engine:
         if not f.is_file():
             raise UserError(f"{path}: no {f.name} (the checkpoint was written by another layout or is incomplete)")
         mine = ckpt.load_tensor_file(f)
-        self.model.load_state_dict(mine["model"] if self.multi else ckpt.load_tensor_file(path / "model.pt"))
+        model_sd = mine["model"] if self.multi else ckpt.load_tensor_file(path / "model.pt")
+        refuse_unfused_resume(model_sd, path)
+        self.model.load_state_dict(model_sd)
         if self.zero == 0:
             self.opt.load_state_dict(mine["engine"])
         else:

@@ -1,6 +1,9 @@
 """Tensor parallelism applied to the plain LoopedLM (torchtitan's `parallelize` style).
 
-    q/k/v_proj, gate/up_proj   -> ColumnParallelLinear   (output features split: whole heads)
+    qkv_proj                   -> ColumnParallelLinear   (head-grouped rows: whole KV groups)
+    qk_bias (Huginn)           -> split like qkv_proj    (dim 0: KV groups)
+    gate_up_proj               -> ColumnParallelLinear   (stride 2: every rank holds cat(gate, up))
+    up_proj (GELU)             -> ColumnParallelLinear
     o_proj, down_proj          -> RowParallelLinear      (input features split, all-reduce)
     adapter Linear(2h -> h)    -> RowParallelLinear      (input_is_parallel=False: scatter cat(s, e))
     embed                      -> VocabParallelEmbedding (vocab rows split)
@@ -36,13 +39,33 @@ def _mp_config(tp: int, dtype: torch.dtype):
                                gradient_accumulation_fusion=False, params_dtype=dtype)
 
 
-def mark_split(param: torch.Tensor | None, dim: int | None) -> None:
-    """megatron's tensor-parallel attributes (megatron sets them only when it initialises)."""
+def mark_split(param: torch.Tensor | None, dim: int | None, stride: int = 1) -> None:
+    """megatron's tensor-parallel attributes (megatron sets them only when it initialises).
+
+    `stride` s: the split dim is s equal parts, each split over the ranks (megatron's
+    partition_stride), so rank r holds [part_0 slice r, part_1 slice r, ...]."""
     if param is None:
         return
     param.tensor_model_parallel = dim is not None
     param.partition_dim = -1 if dim is None else dim
-    param.partition_stride = 1
+    param.partition_stride = stride
+
+
+def _strided(full: torch.Tensor, dim: int, stride: int, tp: int) -> torch.Tensor:
+    """Reorder `full` so a contiguous split over tp ranks gives each its strided shard."""
+    if stride == 1:
+        return full
+    n = full.shape[dim] // (stride * tp)
+    chunks = full.split(n, dim=dim)  # stride * tp chunks: part p, rank r at p * tp + r
+    return torch.cat([chunks[p * tp + r] for r in range(tp) for p in range(stride)], dim=dim)
+
+
+def gather_shards(parts: list[torch.Tensor], dim: int, stride: int = 1) -> torch.Tensor:
+    """The full tensor from every rank's shard (inverse of `shard_parameter`)."""
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([pieces[r][s] for s in range(stride) for r in range(len(parts))], dim=dim)
 
 
 def shard_parameter(local: torch.Tensor, full: torch.Tensor, tp_rank: int) -> None:
@@ -53,6 +76,9 @@ def shard_parameter(local: torch.Tensor, full: torch.Tensor, tp_rank: int) -> No
             return
         dim = local.partition_dim
         n = local.shape[dim]
+        stride = getattr(local, "partition_stride", 1)
+        if stride > 1:
+            full = _strided(full, dim, stride, full.shape[dim] // n)
         lo = tp_rank * n
         piece = full.narrow(dim, lo, max(0, min(n, full.shape[dim] - lo)))
         local.zero_()
@@ -62,15 +88,15 @@ def shard_parameter(local: torch.Tensor, full: torch.Tensor, tp_rank: int) -> No
 class ColumnParallel(nn.Module):
     """megatron-core ColumnParallelLinear returning a tensor, as nn.Linear does."""
 
-    def __init__(self, linear: nn.Linear, config, tp_rank: int):
+    def __init__(self, linear: nn.Linear, config, tp_rank: int, stride: int = 1):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear
 
         self.inner = ColumnParallelLinear(linear.in_features, linear.out_features, config=config,
                                           init_method=nn.init.zeros_, bias=linear.bias is not None,
                                           gather_output=False, skip_bias_add=False)
-        mark_split(self.inner.weight, 0)
-        mark_split(self.inner.bias, 0)
+        mark_split(self.inner.weight, 0, stride)
+        mark_split(self.inner.bias, 0, stride)
         shard_parameter(self.inner.weight, linear.weight, tp_rank)
         if linear.bias is not None:
             shard_parameter(self.inner.bias, linear.bias, tp_rank)
@@ -188,8 +214,11 @@ class VocabParallelHead(nn.Module):
         return logits
 
 
-def _swap(parent: nn.Module, name: str, new: nn.Module) -> None:
-    setattr(parent, name, new)
+def _shard_new_parameter(full: nn.Parameter, tp: int, tp_rank: int) -> nn.Parameter:
+    """This rank's dim-0 slice of a parameter that megatron has no layer for (qk_bias)."""
+    local = nn.Parameter(full.detach().chunk(tp, dim=0)[tp_rank].clone())
+    mark_split(local, 0)
+    return local
 
 
 def parallelize_tensor(model, tp: int, tp_rank: int) -> None:
@@ -204,13 +233,18 @@ def parallelize_tensor(model, tp: int, tp_rank: int) -> None:
     config = _mp_config(tp, dtype)
     for module in list(model.modules()):
         if isinstance(module, Attention):
-            for name in ("q_proj", "k_proj", "v_proj"):
-                _swap(module, name, ColumnParallel(getattr(module, name), config, tp_rank))
+            if module.n_kv % tp:
+                raise ValueError(f"tensor parallelism {tp} must divide the KV heads ({module.n_kv}): "
+                                 "the fused QKV projection is split by whole KV groups")
+            module.qkv_proj = ColumnParallel(module.qkv_proj, config, tp_rank)
+            if module.qk_bias is not None:
+                module.qk_bias = _shard_new_parameter(module.qk_bias, tp, tp_rank)
             module.o_proj = RowParallel(module.o_proj, config, tp_rank)
         elif isinstance(module, MLP):
-            for name in ("gate_proj", "up_proj"):
-                if hasattr(module, name):
-                    _swap(module, name, ColumnParallel(getattr(module, name), config, tp_rank))
+            if hasattr(module, "gate_up_proj"):  # stride 2: each rank's output is cat(gate, up)
+                module.gate_up_proj = ColumnParallel(module.gate_up_proj, config, tp_rank, stride=2)
+            else:
+                module.up_proj = ColumnParallel(module.up_proj, config, tp_rank)
             module.down_proj = RowParallel(module.down_proj, config, tp_rank)
     if model.adapter is not None:
         model.adapter = RowParallel(model.adapter, config, tp_rank, input_is_parallel=False)

@@ -3,7 +3,9 @@
 The end state s_r and the conditioning e are detached (the penalty's gradient reaches the core's
 weights and the injection adapter, nothing upstream), optionally on a random subset of the
 batch's sequences, and the map runs without activation checkpointing (one iteration's worth of
-activations) and with dropout masks held fixed across the estimator's evaluations.
+activations) and with dropout masks held fixed across the estimator's evaluations
+(`stars_scale.model.dropout.DropoutMasks`: their own generator, the global RNG untouched).
+Under `train.compile` the probes that need double backward (vjp; jvp with a graph) run eager.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from stars_scale.config import StarsConfig
+from stars_scale.model.dropout import DropoutMasks
 from stars_scale.stars.jacobian import (FiniteDifference, SpectralEstimate, random_direction, row_subset,
                                         spectral_penalty)
 
@@ -29,16 +32,18 @@ def without_checkpointing(model):
 
 
 def core_map(model, e: torch.Tensor | None, seed: int | None = None):
-    """h ↦ model.core_step(h, e). With dropout active, every call reuses the same masks.
+    """h ↦ model.core_step(h, e). With dropout active, every call reuses the same masks, drawn
+    from a generator of their own seeded with `seed` (the global RNG is left alone): the same
+    seed gives the same masks in every `core_map` made with it, on every stage.
 
     On a pipeline stage `model` is the stage's part of the model and `core_step` its part of the
     map (`e` is None after the first stage), so the stages evaluate the map with this same code."""
     if seed is None or not (model.training and model.cfg.dropout > 0):
         return lambda h: model.core_step(h, e)
+    masks = DropoutMasks(seed)
 
     def fn(h: torch.Tensor) -> torch.Tensor:
-        with torch.random.fork_rng(devices=[h.device] if h.is_cuda else []):
-            torch.manual_seed(seed)
+        with masks.replay(), torch.compiler.set_stance("force_eager"):
             return model.core_step(h, e)
 
     return fn
@@ -67,7 +72,10 @@ def core_map_penalty(model, state: torch.Tensor, embedded: torch.Tensor, cfg: St
                      iters: int | None = None) -> SpectralEstimate:
     probe = draw_probe(cfg, generator, state.shape[0])
     h, e = probe.select(state.detach()), probe.select(embedded.detach())
-    with without_checkpointing(model):
+    # compiled regions (train.compile) have no double backward: those probes run the eager model
+    eager = cfg.method == "vjp" or (cfg.method == "jvp" and create_graph)
+    with without_checkpointing(model), (torch.compiler.set_stance("force_eager") if eager
+                                        else contextlib.nullcontext()):
         return spectral_penalty(core_map(model, e, probe.seed), h, cfg.method, iters or cfg.iters,
                                 normalize=cfg.normalize, eps=cfg.fd_eps, create_graph=create_graph,
                                 generator=generator, precision=cfg.probe_precision, kernels=model.cfg.kernels)

@@ -29,6 +29,7 @@ from stars_scale.data.sources import build_eval_batch, build_train_source
 from stars_scale.errors import UserError
 from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
 from stars_scale.model.looped import LoopedLM
+from stars_scale.parallel.compile import apply_compile
 from stars_scale.parallel.engine import Engine
 from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
@@ -113,6 +114,7 @@ class Trainer:
         """The full single-device model: from the seed, or from converted weights (init.from)."""
         model = LoopedLM(self.cfg.model)
         model.checkpointing = self.cfg.train.checkpointing
+        apply_compile(model, self.cfg.train.compile)
         if self.resume_from is None and self.cfg.init.from_:
             self._init_from_converted(model, self.cfg.init.from_)
         return model
