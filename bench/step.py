@@ -2,6 +2,7 @@
 
     python bench/step.py [--depth 8] [--hidden 128] [--batch 64] [--digits 5] [--steps 10]
                          [--malloc tuned|system] [--arch ours|reference] [--dtype fp32|bf16]
+                         [--compile none|block|model]
 
 Fixed depth, 5-digit addition (20 tokens per sequence), batch 64: the scale of the issue's
 reference figure (the paper's code costs 1.20x a plain step at depth 8 on this machine).
@@ -17,7 +18,8 @@ setting with its probe kept in bf16 (`stars.probe_precision: autocast`), so the 
 cost of the default fp32 probe (accurate, see bench/bf16_probe.py) against the bf16 one.
 
 `--malloc` picks the host allocator setting (`train.host_malloc`; the trainer's default is
-tuned). `--arch reference` runs the model with the reference code's choices that cost time
+tuned). `--compile` applies `train.compile` (the vjp probe runs eager; the first steps, untimed,
+pay the compilation). `--arch reference` runs the model with the reference code's choices that cost time
 (math attention, dropout 0.1) for an apples-to-apples reading of its figure.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.utils.flop_counter import flop_registry
 from stars_scale.config import config_from_dict
 from stars_scale.data.sources import build_task
 from stars_scale.model.looped import LoopedLM
+from stars_scale.parallel.compile import apply_compile
 from stars_scale.stars.depth import Depth
 from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.optim import build_optimizer
@@ -77,6 +80,8 @@ def main() -> None:
     ap.add_argument("--arch", choices=("ours", "reference"), default="ours",
                     help="reference: math attention and dropout 0.1, as the paper's code")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="train.dtype of the step")
+    ap.add_argument("--compile", choices=("none", "block", "model"), default="none",
+                    help="train.compile: compiled blocks or loop regions (stars_scale/parallel/compile.py)")
     args = ap.parse_args()
     settings = dict(SETTINGS)
     if args.dtype == "bf16":
@@ -95,6 +100,7 @@ def main() -> None:
     depth = Depth(0, args.depth)
     torch.manual_seed(0)
     model = LoopedLM(cfg0.model)
+    apply_compile(model, args.compile)
     opt = build_optimizer(model, cfg0.optim)
     stars = {name: config_from_dict({**base, "stars": s}).stars for name, s in settings.items()}
     times: dict[str, list[float]] = {name: [] for name in settings}
@@ -110,7 +116,7 @@ def main() -> None:
     for name in settings:  # warm-up, then one counted step
         for i in range(2):
             step(name, i)
-        with CountFlops() as counter:
+        with CountFlops() as counter, torch.compiler.set_stance("force_eager"):  # same ops as eager
             step(name, 2)
         flops[name] = counter.total
     for r in range(args.rounds):
@@ -120,7 +126,7 @@ def main() -> None:
     plain = statistics.median(times["plain"])
     print(f"depth {args.depth}, d={args.hidden}, batch {args.batch}x{task.seq_len}, torch threads "
           f"{torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting, malloc {args.malloc}, "
-          f"arch {args.arch}, dtype {args.dtype}")
+          f"arch {args.arch}, dtype {args.dtype}, compile {args.compile}")
     print(f"{'setting':42s} {'ms/step':>8s} {'tokens/s':>9s} {'x plain':>8s} {'FLOPs x plain':>14s}")
     for name, ts in times.items():
         med = statistics.median(ts)
