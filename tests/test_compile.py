@@ -128,12 +128,12 @@ def _tp_compiled_vs_eager(rank: int, world: int, out: str):
 
     import stars_scale.train.trainer as trainer_mod
     from stars_scale.parallel.testing import STEPS, make_cfg
-    from stars_scale.parallel.train import ParallelTrainer
+    from stars_scale.train.trainer import Trainer
 
     trainer_mod.apply_compile = functools.partial(apply_compile, backend="aot_eager")
     rows = {}
     for mode in ("none", "block"):
-        t = ParallelTrainer(make_cfg({"tp": 2, "microbatches": 2}, {"compile": mode}), f"{out}/{mode}")
+        t = Trainer(make_cfg({"tp": 2, "microbatches": 2}, {"compile": mode}), f"{out}/{mode}")
         rows[mode] = [t.train_step() for _ in range(STEPS)]
     return rows, unique_graphs()
 

@@ -55,7 +55,7 @@ def test_resume_on_the_same_layout_reproduces_the_run():
                     assert x[key] == y[key], (LAYOUTS[i], x["step"], key)
             ckpt_a = torch.load(full / "checkpoints" / "step_00000006" / "model.pt")
             ckpt_b = torch.load(split / "checkpoints" / "step_00000006" / "model.pt")
-            assert set(ckpt_a) == set(ckpt_b) and "core.1.attn.q_proj.weight" in ckpt_a
+            assert set(ckpt_a) == set(ckpt_b) and "core.1.attn.qkv_proj.weight" in ckpt_a
             for k in ckpt_a:
                 assert torch.equal(ckpt_a[k], ckpt_b[k]), (LAYOUTS[i], k)
             state = json.loads((split / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
