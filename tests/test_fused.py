@@ -103,3 +103,27 @@ def test_strided_shards_give_each_rank_cat_gate_up(tp):
     for r, shard in enumerate(shards):
         assert torch.equal(shard, torch.cat([gate[r * n:(r + 1) * n], up[r * n:(r + 1) * n]]))
     assert torch.equal(gather_shards(list(shards), 0, 2), full)
+
+
+@pytest.mark.parametrize("variant", [{}, {"kv_heads": 2}], ids=["mha", "gqa"])
+def test_a_model_from_a_seed_has_the_weights_of_the_unfused_layout(variant, monkeypatch):
+    """The fused qkv_proj is drawn in one normal_ (the same numbers as the separate q, k, v
+    draws, in that order) and regrouped, so a seed gives the q/k/v weights the separate
+    projections had (training runs keep their trajectory)."""
+    from stars_scale.model.layers import Attention
+
+    c = cfg(**variant)
+    torch.manual_seed(0)
+    sd = unfuse_state_dict(LoopedLM(c).state_dict(), c)
+    monkeypatch.setattr(Attention, "regroup_after_init", lambda self: None)
+    torch.manual_seed(0)
+    raw = LoopedLM(c).state_dict()["prelude.0.attn.qkv_proj.weight"]  # rows as drawn: q, k, v
+    hd, kv = c.hidden // c.heads, c.kv_heads or c.heads
+    q, k, v = raw.split([c.heads * hd, kv * hd, kv * hd])
+    assert torch.equal(sd["prelude.0.attn.q_proj.weight"], q)
+    assert torch.equal(sd["prelude.0.attn.k_proj.weight"], k)
+    assert torch.equal(sd["prelude.0.attn.v_proj.weight"], v)
+    torch.manual_seed(0)
+    a = torch.empty(3 * 32, 32).normal_()
+    torch.manual_seed(0)
+    assert torch.equal(a, torch.cat([torch.empty(32, 32).normal_() for _ in range(3)]))  # one draw = three

@@ -14,7 +14,7 @@ from stars_scale import kernels
 from stars_scale.config import ModelConfig
 from stars_scale.model.attention import attend, attend_cached
 from stars_scale.model.dropout import Dropout, active_masks, attention_with_mask
-from stars_scale.model.fused import qkv_bias_flags, upgrade_attention_keys, upgrade_mlp_keys
+from stars_scale.model.fused import fuse_qkv, qkv_bias_flags, upgrade_attention_keys, upgrade_mlp_keys
 
 
 class RMSNorm(nn.Module):
@@ -128,6 +128,17 @@ class Attention(nn.Module):
         else:
             y = attend(q, k, v, self.backend, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    @torch.no_grad()
+    def regroup_after_init(self) -> None:
+        """Rows drawn in q, k, v order (one draw = the three separate draws of the unfused
+        layout) moved into the head-grouped layout: a model from a seed has the same weights
+        as before the fusion."""
+        for t in (self.qkv_proj.weight, self.qkv_proj.bias):
+            if t is not None:
+                q, k, v = t.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                   self.n_kv * self.head_dim])
+                t.copy_(fuse_qkv(q, k, v, self.group, self.head_dim))
 
     def _upgrade_old_layout(self, sd, prefix, *args) -> None:
         upgrade_attention_keys(sd, prefix, self.group, self.head_dim, self.qk_bias is None)

@@ -71,6 +71,8 @@ class LoopedLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif hasattr(module, "regroup_after_init"):  # after its fused qkv_proj (children come first)
+            module.regroup_after_init()
 
     @property
     def init_state_std(self) -> float:
