@@ -22,6 +22,8 @@ generator's max_depth):
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -46,14 +48,15 @@ class StepView:
     s: torch.Tensor  # s_t, all positions [B, T, D]
 
 
-class ExitRule:
+class ExitRule(abc.ABC):
     name = "?"
 
     def reset(self, batch: int) -> None:
         self.probe_evals = 0  # extra batched coda (kl) or core (contraction ρ̂) passes
 
+    @abc.abstractmethod
     def converged(self, v: StepView) -> torch.Tensor:  # bool [B]
-        raise NotImplementedError
+        """True where the position has converged after iteration v.t."""
 
 
 class Fixed(ExitRule):
