@@ -2,6 +2,11 @@
 (flat under 1f1b, growing under gpipe), and the bubble, counted from the task lists and timed.
 
     python bench/pipeline_schedule.py [--pp 2] [--micro 2 4 8 16] [--depth 4] [--schedule 1f1b gpipe]
+    python bench/pipeline_schedule.py --ticks    # the schedules only (no processes): P = 2..4
+
+`--ticks` prints, from the task lists alone, for P = 2, 3, 4, r = 1, 2, 4, 8 gradient-carrying
+iterations and M = P, 2P, 4P: each order's idle ticks on the busiest stage and span, the most
+gradient-carrying passes a stage holds (stage 0, the fullest) and the most microbatches in flight.
 
 Spawns `pp` gloo ranks on CPU (one thread each) and runs training steps of a looped model with
 one core block per stage, no activation checkpointing, every iteration carrying gradients.
@@ -11,7 +16,7 @@ parameters excluded, measured with a saved-tensors hook: `pipeline.HeldBytes`), 
 
 Schedule bubble (`ticks`): the schedule's task lists replayed in unit ticks (every forward and
 backward of a pass one tick, `schedule.simulated_ticks`): the stages' idle ticks over P · span.
-gpipe's is (P - 1) / (r·M + P - 1); 1f1b's should be the same (one fill, one drain per step).
+gpipe's is (P - 1) / (r·M + P - 1); 1f1b's is the same (one fill, one drain per step).
 
 Measured bubble (`timed`): each stage's busy time is its step span minus the time it was blocked
 in a receive; bubble = 1 - Σ busy / (P · span), span = first start to last end over the stages
@@ -81,8 +86,28 @@ def _worker(rank: int, world: int, settings: list, steps: int, hidden: int, rows
     return rows_out
 
 
+def ticks() -> None:
+    from stars_scale.parallel import schedule
+
+    print(f"{'P':>2} {'r':>2} {'M':>3} | {'idle/span gpipe':>15} {'1f1b':>9} | {'held gpipe':>10} {'1f1b':>5} "
+          f"| {'in flight gpipe':>15} {'1f1b':>4}")
+    for P in (2, 3, 4):
+        for r in (1, 2, 4, 8):
+            for M in (P, 2 * P, 4 * P):
+                grads = (True,) * r
+                cols = {}
+                for order in ("gpipe", "1f1b"):
+                    sched = schedule.build(P, M, grads, grads, order)
+                    span, idle = schedule.simulated_ticks(P, sched, grads, grads)
+                    cols[order] = (f"{max(idle)}/{span}", max(schedule.peak_held(P, M, grads, grads, order)),
+                                   max(schedule.max_in_flight(tasks, r, r) for tasks in sched))
+                g, f = cols["gpipe"], cols["1f1b"]
+                print(f"{P:>2} {r:>2} {M:>3} | {g[0]:>15} {f[0]:>9} | {g[1]:>10} {f[1]:>5} | {g[2]:>15} {f[2]:>4}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ticks", action="store_true", help="the schedules' idle ticks and held passes only")
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--micro", type=int, nargs="+", default=[2, 4, 8, 16])
     ap.add_argument("--depth", type=int, nargs="+", default=[4])
@@ -91,6 +116,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--rows", type=int, default=16, help="rows per microbatch")
     args = ap.parse_args()
+    if args.ticks:
+        return ticks()
     settings = [(s, m, d) for s in args.schedule for m in args.micro for d in args.depth]
     with tempfile.TemporaryDirectory() as out:
         results = spawn(_worker, args.pp, settings, args.steps, args.hidden, args.rows, out)[0]

@@ -307,7 +307,7 @@ class ParallelConfig:
     pp: int = 1
     zero: int = 0
     microbatches: int = 1
-    # pp > 1: 1f1b holds min(pp, microbatches) microbatches' activations per stage; gpipe all of them
+    # pp > 1: 1f1b holds about pp microbatches' activations per stage; gpipe all of them
     schedule: Literal["1f1b", "gpipe"] = "1f1b"
 
     def validate(self, at: str = "parallel") -> None:

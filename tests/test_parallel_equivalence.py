@@ -24,8 +24,8 @@ def _train_layouts(rank: int, world: int, layouts: list, out: str):
     from stars_scale.train.trainer import Trainer
 
     results = []
-    for i, (parallel, train) in enumerate(layouts):
-        t = Trainer(make_cfg(parallel, train), f"{out}/layout{i}")
+    for i, layout in enumerate(layouts):
+        t = Trainer(make_cfg(*layout), f"{out}/layout{i}")
         rows = [t.train_step() for _ in range(STEPS)]
         full = t.full_model()
         results.append({"rows": rows, "depths": t.depth_history, "logger": t.reports,
@@ -33,15 +33,19 @@ def _train_layouts(rank: int, world: int, layouts: list, out: str):
     return results
 
 
-@pytest.fixture(scope="module")
-def reference():
+def _one_process(microbatches: int, sections: dict | None = None):
     from stars_scale.train.trainer import Trainer
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
-        t = Trainer(make_cfg({"microbatches": 2}), d)
+        t = Trainer(make_cfg({"microbatches": microbatches}, None, sections), d)
         rows = [t.train_step() for _ in range(STEPS)]
         return rows, {k: v.clone() for k, v in t.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _one_process(2)
 
 
 def _close(a: float, b: float, rel: float = 1e-5) -> bool:
@@ -103,3 +107,14 @@ def test_two_rank_layouts_match_one_process(reference):
 
 def test_four_rank_layouts_match_one_process(reference):
     _run(FOUR_RANK, 4, reference)
+
+
+THREE_STAGES = {"model": {"n_core": 3}, "data": {"batch_size": 12}}
+
+
+@pytest.mark.slow
+def test_three_stage_1f1b_matches_one_process():
+    """pp = 3, M = 6: the 1f1b order's steady state (two groups of three microbatches, forwards of
+    the second interleaved with backwards of the first), with free iterations and the estimator's
+    passes, trains like one process with the same six microbatches."""
+    _run({"pp3 M=6 (1f1b)": ({"pp": 3, "microbatches": 6}, None, THREE_STAGES)}, 3, _one_process(6, THREE_STAGES))

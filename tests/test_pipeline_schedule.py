@@ -45,12 +45,13 @@ def test_1f1b_memory_is_flat_in_microbatches_and_gpipe_grows(measured):
     for stage in range(2):
         f = [measured[("1f1b", M, 0)][stage]["peak"] for M in (2, 4, 8)]
         g = [measured[("gpipe", M, 0)][stage]["peak"] for M in (2, 4, 8)]
-        # P = 2 microbatches' passes at a time; the microbatches' token ids are views of the
-        # step's batch, so the storage the embedding saves grows by M·rows·T·8 bytes (< 1%)
-        assert f[0] > 0 and max(f) <= 1.01 * min(f), (stage, f)
-        assert g[0] == f[0] and g[1] >= 1.9 * g[0] and g[2] >= 1.9 * g[1], (stage, g)  # all M held
-    # a new microbatch starts on a stage as old backwards free room: at most P + 1 partly in flight
-    assert [measured[("1f1b", M, 0)][0]["in_flight"] for M in (2, 4, 8)] == [2, 3, 3]
+        # groups of P = 2 microbatches: flat from M = 2P on (the microbatches' token ids are views
+        # of the step's batch, so the storage the embedding saves grows by M·rows·T·8 bytes, < 1%);
+        # M = P holds the one group alone, without the warm-up's extra pass(es) and the next group
+        assert f[0] > 0 and f[0] <= f[1] <= 1.2 * f[0] and f[2] <= 1.01 * f[1], (stage, f)
+        assert g[0] >= f[0] and g[1] >= 1.9 * g[0] and g[2] >= 1.9 * g[1], (stage, g)  # all M held
+    # a new group of P microbatches starts while the last one's backwards run: at most 2P in flight
+    assert [measured[("1f1b", M, 0)][0]["in_flight"] for M in (2, 4, 8)] == [2, 4, 4]
     assert [measured[("gpipe", M, 0)][0]["in_flight"] for M in (2, 4, 8)] == [2, 4, 8]
 
 
@@ -58,10 +59,12 @@ def test_schedules_train_identically(measured):
     for M, zero in ((2, 0), (4, 0), (8, 0), (4, 2)):
         a = measured[("1f1b", M, zero)][1]["rows"]  # the last stage logs
         b = measured[("gpipe", M, zero)][1]["rows"]
-        assert measured[("1f1b", M, zero)][1]["in_flight"] == min(M, 3)
+        assert measured[("1f1b", M, zero)][1]["in_flight"] == min(M, 4)
+        # the two orders add the passes' gradients up in different orders (last bits), which the
+        # fd estimator's 1/ε magnifies in the next step: the equivalence tests' 1e-5
         for x, y in zip(a, b):
             for key in ("loss", "ce", "penalty", "rho", "grad_norm"):
-                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), (M, zero, x["step"], key)
+                assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), (M, zero, x["step"], key)
 
 
 def _plan(n_free: int, n_grad: int, fd_evals: int = 0, penalty: bool = True):
@@ -69,43 +72,72 @@ def _plan(n_free: int, n_grad: int, fd_evals: int = 0, penalty: bool = True):
     return grads, (True,) * (n_free + n_grad) + (False,) * fd_evals
 
 
-@pytest.mark.parametrize("M", [2, 4, 8, 16])
-def test_1f1b_bubble_is_no_worse_than_gpipe(M):
-    """P = 2, r = 8 gradient-carrying iterations: one fill and one drain per step, as gpipe, with
-    gpipe's formula (P - 1) / (r·M + P - 1) per direction; counted from the task lists."""
-    P, r = 2, 8
-    grads, iters = _plan(0, r)
-    span = {}
-    for order in ("1f1b", "gpipe"):
-        sched = schedule.build(P, M, grads, iters, order)
-        assert sorted(sched[0], key=str) == sorted(sched[1], key=str)  # every task on every stage, once
-        assert len(sched[0]) == 2 * r * M
-        span[order], idle = schedule.simulated_ticks(P, sched, grads, iters)
-        span[order + " idle"] = max(idle)
-    assert span["1f1b idle"] <= span["gpipe idle"], span
-    assert span["gpipe idle"] / span["gpipe"] == pytest.approx((P - 1) / (r * M + P - 1))
-    assert span["1f1b"] <= span["gpipe"]
-
-
-@pytest.mark.parametrize("P,M,plan", [(2, 5, (1, 2, 3)), (3, 7, (2, 3, 3)), (4, 9, (0, 4, 0)), (3, 2, (1, 1, 2))])
-def test_1f1b_holds_at_most_p_microbatches_of_passes(P, M, plan):
-    """Whatever the plan (free iterations, estimator passes), a stage never holds more than
-    min(P, M) microbatches' gradient-carrying passes plus one, and every backward follows its forward."""
-    grads, iters = _plan(*plan)
-    sched = schedule.build(P, M, grads, iters, "1f1b")
-    schedule.simulated_ticks(P, sched, grads, iters)  # every dependency met (no deadlock)
-    peaks = []
+def _check(P: int, M: int, grads, iters, order: str) -> tuple[list[int], list[int], list[int]]:
+    """Every stage runs every task once, each backward after its forward, and the lists replay
+    without deadlock; returns (idle ticks, peak held passes, microbatches in flight) per stage."""
+    sched = schedule.build(P, M, grads, iters, order)
+    want = sorted([("F", m, k) for m in range(M) for k in range(len(grads))]
+                  + [("B", m, k) for m in range(M) for k in range(len(grads)) if grads[k]])
     for tasks in sched:
-        held = most = 0
+        assert sorted((t.op, t.micro, t.k) for t in tasks) == want
         seen = set()
         for t in tasks:
-            if t.op == "F":
-                seen.add((t.micro, t.k))
-                held += grads[t.k]
-            else:
-                assert (t.micro, t.k) in seen
-                held -= 1
-            most = max(most, held)
-        assert most <= min(P, M) * sum(grads) + 1, (most, P, M, plan)
-        peaks.append(most)
-    assert peaks == schedule.peak_held(P, M, grads, iters, "1f1b")
+            assert t.op == "F" or (t.micro, t.k) in seen
+            seen.add((t.micro, t.k))
+    _, idle = schedule.simulated_ticks(P, sched, grads, iters)
+    flight = [schedule.max_in_flight(tasks, sum(grads), len(grads)) for tasks in sched]
+    return idle, schedule.peak_held(P, M, grads, iters, order), flight
+
+
+# (P, r, M): idle ticks of the busiest stage, 1f1b = gpipe = 2(P - 1) (one fill, one drain), and
+# 1f1b's peak held gradient-carrying passes per stage (stage s: at most r·P + P - 1 - 2s), the same
+# for M = 2P and 4P. The greedy order this replaced idled 34 ticks at (4, 8, 16).
+TABLE = {(2, 8, 8): [17, 15], (3, 4, 12): [14, 12, 10], (4, 8, 16): [35, 33, 31, 29], (4, 1, 16): [7, 5, 3, 1]}
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+@pytest.mark.parametrize("r", [1, 2, 4, 8])
+def test_1f1b_idles_no_more_than_gpipe_and_holds_about_p_microbatches(P, r):
+    """Every iteration carrying gradients, M = P, 2P, 4P: 1f1b's idle ticks on every stage are at
+    most gpipe's; it holds about P microbatches' passes (flat in M), gpipe all M; at most 2P
+    microbatches partly in flight (their encodings on stage 0)."""
+    grads = iters = (True,) * r
+    held = {}
+    for M in (P, 2 * P, 4 * P):
+        g_idle, g_held, g_flight = _check(P, M, grads, iters, "gpipe")
+        idle, held[M], flight = _check(P, M, grads, iters, "1f1b")
+        assert g_idle == [2 * (P - 1)] * P and g_held == [r * M] * P and g_flight == [M] * P
+        assert all(a <= b for a, b in zip(idle, g_idle)), (M, idle, g_idle)
+        assert all(h <= r * P + P - 1 - 2 * s for s, h in enumerate(held[M])), (M, held[M])
+        assert max(flight) <= 2 * P
+        if (P, r, M) in TABLE:
+            assert held[M] == TABLE[(P, r, M)]
+    assert held[2 * P] == held[4 * P] and max(held[P]) <= r * P
+
+
+@pytest.mark.parametrize("P,plan", [(2, (1, 2, 3)), (3, (2, 3, 3)), (4, (0, 4, 2)), (3, (1, 1, 2)), (4, (3, 8, 0)),
+                                    (3, (1, 2, 3, False)), (4, (0, 3, 2, False))])
+def test_1f1b_with_free_iterations_and_estimator_passes(P, plan):
+    """Free iterations (no backward), the estimator's passes (not linked to the next; without the
+    penalty none carries gradients): for M a multiple of P no more idle than gpipe and about P
+    microbatches held; for any M (groups of G ≥ P when P does not divide M), no deadlock, at
+    most n_b·G + 2(P − 1) passes held and 2G microbatches in flight."""
+    grads, iters = _plan(*plan)
+    nb = sum(grads)
+    for M in range(1, 4 * P + 2):
+        idle, held, flight = _check(P, M, grads, iters, "1f1b")
+        G = max(len(g) for g in schedule.groups(P, M, "1f1b"))
+        assert G == (P if M % P == 0 else M) or (M > 2 * P and P <= G < 2 * P)
+        assert max(held) <= nb * max(G, M if M < P else 0) + 2 * (P - 1) and max(flight) <= 2 * G, (M, held, flight)
+        if M % P == 0:
+            g_idle = _check(P, M, grads, iters, "gpipe")[0]
+            assert all(a <= b for a, b in zip(idle, g_idle)), (M, idle, g_idle)
+
+
+def test_schedules_never_deadlock():
+    """P up to 6, M from 1 to 2P + 1, mixed pass plans: the simulation finishes, the lists replay."""
+    for P in range(2, 7):
+        for M in range(1, 2 * P + 2):
+            for plan in ((0, 1, 0), (2, 1, 3), (1, 5, 2), (3, 2, 5), (1, 2, 3, False)):
+                for order in schedule.ORDERS:
+                    _check(P, M, *_plan(*plan), order)

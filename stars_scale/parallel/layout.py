@@ -19,12 +19,6 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return int(math.ceil(vocab / tp) * tp)
 
 
-def round_size(schedule: str, pp: int, microbatches: int) -> int:
-    """Microbatches whose activations the loop pipeline holds at once on a stage: min(pp, M)
-    under `1f1b` (plus at most pp - 1 passes of slack), all M under `gpipe` (parallel/schedule.py)."""
-    return microbatches if schedule == "gpipe" else max(1, min(pp, microbatches))
-
-
 def layout_problems(cfg: RunConfig, world: int, *, tp: int | None = None, pp: int | None = None,
                     allocation: str = "", batch: bool = True, cuda: bool = True) -> list[str]:
     """Why tp × pp (default: the config's) cannot run on `world` processes; [] when it can.

@@ -22,9 +22,8 @@ Schedule (`schedule.py`). Every stage runs a list of tasks computed identically 
 F(m, k), the forward of pass k of microbatch m, and B(m, k), its backward: a manual
 `torch.autograd.grad` from the pass's output with the gradient that the next stage (or, for the
 state going round, stage 0) sent back, giving the parameters' gradients and the input's, which
-goes to the stage the input came from. `1f1b` starts a new microbatch as soon as old backwards
-have freed room for it (at most min(P, M) microbatches' gradient-carrying passes held, plus one
-pass of slack where that keeps the ring full); `gpipe` runs every forward first.
+goes to the stage the input came from. `1f1b` is Megatron's interleaved order with the passes
+as virtual stages (about P microbatches' passes held); `gpipe` runs every forward first.
 
 The parameters' gradients go straight into `.grad` (zero 0), or, under DeepSpeed, are summed in a
 buffer and handed over in one backward per step (`sum(p · g)`, whose gradient is g exactly), so

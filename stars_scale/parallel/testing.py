@@ -33,11 +33,13 @@ BASE = {
 }
 
 
-def make_cfg(parallel: dict, train: dict | None = None) -> RunConfig:
-    """The tiny looped model of the multi-rank tests with `parallel` and `train` overrides."""
+def make_cfg(parallel: dict, train: dict | None = None, sections: dict | None = None) -> RunConfig:
+    """The tiny looped model of the multi-rank tests with `parallel`, `train` and other sections'
+    overrides (e.g. {"model": {"n_core": 3}})."""
     d = copy.deepcopy(BASE)
     d["parallel"] = dict(parallel)
-    d["train"].update(train or {})
+    for name, values in {"train": train or {}, **(sections or {})}.items():
+        d[name].update(values)
     return config_from_dict(d)
 
 

@@ -27,8 +27,9 @@ Activations the tensors autograd saves for backward, per microbatch of b sequenc
             checkpointing each block's input plus one block. The no-grad iterations keep
             nothing. Verified on CPU in fp32 against the bytes a saved-tensors hook sees (see
             docs/plan.md); in bf16 the same census is used with 2-byte activations, an
-            estimate. The loop pipeline holds min(pp, M) microbatches' activations on every
-            stage under the 1f1b schedule, all M under gpipe (`parallel.schedule.peak_held`).
+            estimate. The loop pipeline holds about pp microbatches' activations on a
+            stage under the 1f1b schedule, all M under gpipe: the planner counts the passes
+            the schedule holds (`parallel.schedule.peak_held`).
 Transient   not saved but live at the peak: the fp32 gradient of the logits, and the working
             set of one block (its MLP intermediates). An estimate, added before the fit test.
 Depth       r, n_free, n_grad from `DepthSampler` itself (after any curriculum), 10,000 draws:
