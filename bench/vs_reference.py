@@ -1,7 +1,7 @@
 """Our training step against the STARS reference step, interleaved in one run.
 
     python bench/vs_reference.py [--depth 8] [--hidden 128] [--heads 4] [--batch 64] [--digits 5]
-                                 [--steps 8] [--rounds 4] [--compile] [--threads N]
+                                 [--steps 8] [--rounds 4] [--compile] [--threads N] [--profile K]
 
 The reference is re-implemented here from its description (njuyxw/STARS `train_addition`, see
 /work/shared/DESIGN.md), not copied: token + learned position embeddings, one GPT block with
@@ -16,7 +16,9 @@ trainer's `forward_backward`; "reference arithmetic" adds math attention and dro
 
 Every setting runs the same batch and depth; rounds interleave the settings so drift in machine
 load hits them alike. Printed: median ms/step, and each setting's speed-up over the reference's
-step with the same penalty (plain over plain, penalised over penalised).
+step with the same penalty (plain over plain, penalised over penalised). `--profile K` then
+profiles 3 steps of each setting (torch.profiler, CPU) and prints its K most expensive ops by
+self time with their share of the step: what a ratio that misses its target is made of.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from stars_scale.config import config_from_dict
 from stars_scale.data.arithmetic import IGNORE
@@ -118,8 +121,21 @@ def our_settings(compile_too: bool) -> dict[str, dict]:
             "ours, plain, compile block": ({}, plain, "block"),
             "ours, vjp, compile block": ({}, vjp, "block"),
             "ours, fd 25%, compile block": ({}, fd25, "block"),
+            "ours, vjp, reference arithmetic, compile block": (ref_arith, vjp, "block"),
         })
     return out
+
+
+def print_profile(name: str, fn, first_step: int, top: int, steps: int = 3) -> None:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            fn(first_step + i)
+    ops = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ops)
+    print(f"-- {name}: {total / 1e3 / steps:.1f} ms of op self time per step, "
+          f"{sum(e.count for e in ops) / steps:.0f} ops per step")
+    for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"   {e.key[:40]:40s} {e.count / steps:6.0f} calls {100 * e.self_cpu_time_total / total:5.1f}%")
 
 
 def main() -> None:
@@ -134,6 +150,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also time train.compile: block")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="then print each setting's top K ops")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,11 +198,14 @@ def main() -> None:
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"depth {args.depth}, d={args.hidden}, {args.heads} heads, MLP {mlp}, batch {args.batch}x{task.seq_len}, "
           f"torch threads {torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting")
-    print(f"{'setting':40s} {'ms/step':>8s} {'speed-up vs reference':>22s}")
+    print(f"{'setting':48s} {'ms/step':>8s} {'speed-up vs reference':>22s}")
     for name, m in med.items():
         against = "reference, plain" if "plain" in name else "reference, vjp"
-        print(f"{name:40s} {1000 * m:8.1f} {med[against] / m:21.2f}x")
+        print(f"{name:48s} {1000 * m:8.1f} {med[against] / m:21.2f}x")
     print(f"ours fd 25% / ours plain: {med['ours, fd 25% of sequences'] / med['ours, plain']:.2f}")
+    if args.profile:
+        for name, fn in runners.items():
+            print_profile(name, fn, args.rounds * args.steps, args.profile)
 
 
 if __name__ == "__main__":

@@ -74,3 +74,31 @@ def test_native_gqa_matches_repeated_heads_on_cpu(monkeypatch):
         gq, = torch.autograd.grad(y.pow(2).sum(), q, create_graph=True)
         gq.sum().backward()
     assert k.grad is not None and torch.isfinite(k.grad).all()
+
+
+def test_written_out_math_path_matches_sdpa_values_and_gradients():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 9, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 9, 8, generator=g, requires_grad=True)
+    got = attend(q, k, v, backend="math")
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    w = torch.randn(got.shape, generator=g)
+    grads = [torch.autograd.grad((out * w).sum(), (q, k, v)) for out in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_math_path_dropout_drops_attention_weights_from_the_global_rng():
+    q = torch.randn(1, 1, 6, 4)
+    v = torch.eye(6).view(1, 1, 6, 6)  # the output rows are the attention weights
+    torch.manual_seed(3)
+    a = attend(q, q, v, backend="math", dropout_p=0.5)
+    torch.manual_seed(3)
+    b = attend(q, q, v, backend="math", dropout_p=0.5)
+    assert torch.equal(a, b)  # masks come from the global generator
+    full = attend(q, q, v, backend="math")
+    kept = a != 0
+    assert 0 < int(kept.sum()) < int((full != 0).sum())  # some weights dropped, some kept
+    torch.testing.assert_close(a[kept], 2 * full[kept])  # the kept ones scaled by 1 / (1 - p)

@@ -12,7 +12,7 @@ import torch
 from stars_scale.config import config_from_dict
 from stars_scale.data.sources import build_task
 from stars_scale.model import LoopedLM
-from stars_scale.model.dropout import DropoutMasks
+from stars_scale.model.dropout import DropoutMasks, keep_mask
 from stars_scale.parallel.compile import apply_compile
 from stars_scale.stars.depth import Depth
 from stars_scale.stars.regularizer import core_map
@@ -151,3 +151,17 @@ def test_tensor_parallel_compiled_blocks_match_eager(tmp_path):
                     assert a[key] is None
                 else:
                     assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(b[key])), (a["step"], key, a[key], b[key])
+
+
+def test_keep_mask_is_a_scaled_bernoulli_mask_with_mean_one():
+    p = 0.1
+    mask = keep_mask(torch.Size([1000, 1001]), p, generator=torch.Generator().manual_seed(0))
+    scale = 2**16 / (2**16 - round(p * 2**16))  # 1 / P(keep): E[mask] = 1 exactly
+    assert torch.equal(mask.unique(), torch.tensor([0.0, scale]))
+    kept = (mask > 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5  # within 5 sigma
+    lanes = (mask.flatten()[:1000 * 1000] > 0).double().view(-1, 4).mean(0)  # the 4 int16 lanes of a draw
+    assert ((lanes - (1 - p)).abs() < 5 * (p * (1 - p) / 250_000) ** 0.5).all(), lanes  # none biased
+    again = keep_mask(torch.Size([1000, 1001]), p, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)  # a function of the generator's state
+    assert keep_mask(torch.Size([3]), 0.5).shape == (3,)  # sizes that are not a multiple of 4

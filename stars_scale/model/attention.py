@@ -3,7 +3,11 @@
 `attend(q, k, v)` takes [batch, heads, seq, head_dim] tensors and runs causal attention through
 flash-attn when it is installed, the tensors are on CUDA in fp16/bf16 and nothing needs higher
 derivatives; otherwise through `F.scaled_dot_product_attention` (on CUDA only its cuDNN, flash
-and memory-efficient kernels). `attention_plan` is that decision, as a function.
+and memory-efficient kernels). `attention_plan` is that decision, as a function. The math path
+(`model.attention: math`, or forced) is written out here, `softmax(q kᵀ/√d + causal) v` as the
+STARS reference writes it, with its dropout through `stars_scale.model.dropout.dropout` (cheap
+CPU masks, masks replayed for the STARS probe); SDPA's math backend is the same arithmetic with
+two more scaling passes, and its double backward cost up to twice as much on CPU.
 
 Higher-order autodiff (double backward for the VJP estimator, forward-mode AD for the JVP
 estimator) does not run through flash kernels (neither flash-attn's nor SDPA's default CPU
@@ -13,6 +17,7 @@ path everywhere underneath.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -20,6 +25,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from stars_scale.model.dropout import dropout
 
 try:  # optional: `pip install stars_scale[flash]` on a CUDA machine
     from flash_attn import flash_attn_func as _flash_attn_func  # type: ignore
@@ -39,7 +46,8 @@ def _force_math() -> bool:
 
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
-    """Force the differentiable-twice math attention path (for vjp/jvp estimators)."""
+    """Force the differentiable-twice math attention path (for vjp/jvp estimators); the
+    SDPA backend is pinned to MATH too, for any SDPA call made underneath."""
     _state.math = getattr(_state, "math", 0) + 1
     try:
         with sdpa_kernel(SDPBackend.MATH):
@@ -67,7 +75,7 @@ def attention_plan(device_type: str, dtype: torch.dtype, n_rep: int, backend: st
                    flash_installed: bool | None = None, force_math: bool | None = None) -> AttentionPlan:
     """The dispatch decision, a pure function of the call's properties (tests pass the capabilities).
 
-    - math (`backend: math`, or inside `math_attention()`): SDPA's math backend, differentiable twice;
+    - math (`backend: math`, or inside `math_attention()`): `math_causal_attention`, differentiable twice;
     - flash-attn when installed, on CUDA, fp16/bf16 (`auto` or `flash`); it takes GQA natively;
     - else SDPA: on CUDA restricted to cuDNN / flash / memory-efficient, with GQA native
       (`enable_gqa`) in fp16/bf16, where SDPA's flash kernel takes it; fp32 GQA on CUDA repeats k/v
@@ -100,10 +108,25 @@ def _sdpa(q, k, v, plan: AttentionPlan, dropout_p: float) -> torch.Tensor:
                                               enable_gqa=n_rep > 1 and plan.gqa_native)
 
 
+def math_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q kᵀ/√d, causal) v with dropout on the weights, differentiable to any order.
+    Causal bottom-right aligned when k is longer than q (queries are the last positions)."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    T, S = q.shape[-2], k.shape[-2]
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril_(S - T)
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    return dropout(weights, dropout_p) @ v
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto",
            dropout_p: float = 0.0) -> torch.Tensor:
     """Causal attention; q [B, H, T, D], k/v [B, H_kv, T, D] with H a multiple of H_kv."""
     plan = attention_plan(q.device.type, q.dtype, q.shape[1] // k.shape[1], backend)
+    if plan.kind == "math":
+        return math_causal_attention(q, k, v, dropout_p)
     if plan.kind == "flash":
         out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                dropout_p=dropout_p, causal=True)

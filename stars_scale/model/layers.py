@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from stars_scale import kernels
 from stars_scale.config import ModelConfig
 from stars_scale.model.attention import attend, attend_cached
-from stars_scale.model.dropout import Dropout, active_masks, attention_with_mask
+from stars_scale.model.dropout import Dropout, active_masks
 from stars_scale.model.fused import fuse_qkv, qkv_bias_flags, upgrade_attention_keys, upgrade_mlp_keys
 
 
@@ -119,14 +119,12 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rotary(q, *rope, self.kernels), rotary(k, *rope, self.kernels)
-        masks = active_masks() if self.training and self.dropout > 0 else None
+        p = self.dropout if self.training else 0.0
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
             y = attend_cached(q, k, v, self.backend)
-        elif masks is not None:  # the STARS probe: the same dropout masks on every evaluation
-            y = attention_with_mask(q, k, v, self.dropout, masks)
-        else:
-            y = attend(q, k, v, self.backend, self.dropout if self.training else 0.0)
+        else:  # the STARS probe replays its dropout masks, which only the math path can take
+            y = attend(q, k, v, "math" if p > 0 and active_masks() is not None else self.backend, p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     @torch.no_grad()

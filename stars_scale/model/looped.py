@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stars_scale import kernels
 from stars_scale.config import ModelConfig
+from stars_scale.model.dropout import Dropout
 from stars_scale.model.layers import Block, make_norm, rope_cache
 
 
@@ -50,7 +51,7 @@ class LoopedLM(nn.Module):
             cos, sin = rope_cache(h // cfg.heads, cfg.max_seq_len, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         self.adapter = nn.Linear(2 * h, h, bias=cfg.bias) if cfg.injection == "concat-linear" else None
         self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))
