@@ -72,8 +72,8 @@ def _worker(rank: int, world: int, settings: list, steps: int, hidden: int, rows
             t.train_step()
             st = t.engine.pipeline.stats
             gathered = [None] * world
-            dist.all_gather_object(gathered, (st.start, st.end, st.busy_s, st.peak_saved_bytes, st.idle_ticks,
-                                              st.span_ticks, st.in_flight))
+            dist.all_gather_object(gathered, (st.start, st.end, st.busy_s, st.peak_saved_bytes, st.ticks[1],
+                                              st.ticks[0], st.in_flight))
             span = max(g[1] for g in gathered) - min(g[0] for g in gathered)
             bubbles.append(1.0 - sum(g[2] for g in gathered) / (world * span))
             peaks.append([g[3] for g in gathered])

@@ -290,3 +290,7 @@ def mlflow_server(_mlflow_server_session):
         server.stop()
         server.start()
     return server
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: a slow end-to-end test (it still runs in CI)")

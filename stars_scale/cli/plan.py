@@ -40,18 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> None:
     run = load_config(args.config, args.set)
     p = plan(run, args.nodes, args.gpus_per_node, args.gpu, mfu=args.mfu, tokens=args.tokens,
              batch=args.micro_batch, seq=args.seq_len, usable_fraction=args.usable,
              draws=max(args.draws, 1), config_path=args.config)
     print(json.dumps(plan_to_dict(p), indent=2) if args.json else format_plan(p, args.show))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(lambda: _run(args))
+    return run_cli(lambda: _run(args))  # exit 0, or 2 with one line on a UserError
 
 
 if __name__ == "__main__":

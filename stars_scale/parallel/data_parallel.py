@@ -81,13 +81,11 @@ class PlainDataParallel:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             return norm
-        clip = self.cfg.optim.grad_clip
-        if clip > 0 and math.isfinite(norm):
-            coef = clip / (norm + 1e-6)
-            if coef < 1.0:
-                for p in self.params:
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+        coef = self.cfg.optim.grad_clip / (norm + 1e-6)
+        if self.cfg.optim.grad_clip > 0 and coef < 1.0:
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -187,12 +185,9 @@ class ZeroDataParallel:
         self.scheduler.load_state_dict(client["scheduler"])
 
     def state_bytes(self) -> dict[str, int]:
-        params = [p for p in self.engine.module.parameters()]
-        out = {"params": sum(p.numel() * p.element_size() for p in params), "grads": 0, "optimizer": 0}
-        opt = self.optimizer
-        for t in getattr(opt, "single_partition_of_fp32_groups", []):  # the rank's fp32 master partition
+        out = _state_bytes(self.engine.module.parameters(), self.optimizer.optimizer.state.values())
+        for t in getattr(self.optimizer, "single_partition_of_fp32_groups", []):  # the rank's fp32 master partition
             out["optimizer"] += t.numel() * t.element_size()
-        out["optimizer"] += _state_bytes([], opt.optimizer.state.values())["optimizer"]
         return out
 
 

@@ -127,17 +127,15 @@ class StageStats:
     The stage works from `start` to `end` except while blocked in a receive (`recv_wait_s`);
     with the spans of all stages, 1 - Σ busy / (P · (max end - min start)) is the measured bubble.
     `peak_saved_bytes`: the most bytes autograd held for backward at once (unique storages,
-    parameters excluded; `HeldBytes`). `in_flight`: the most microbatches this stage's task list
-    has started and not finished at once; `span_ticks` / `idle_ticks`: the schedule replayed in
-    unit ticks (every task one tick), the step's span and this stage's idle ticks in it."""
+    parameters excluded; `HeldBytes`; 0 unless measuring). `in_flight`: the most microbatches this
+    stage's task list has started and not finished at once; `ticks`: the schedule replayed in unit
+    ticks (every task one tick): the step's span and this stage's idle ticks in it."""
 
-    start: float = 0.0
+    start: float
+    in_flight: int
+    ticks: tuple[int, int]
     end: float = 0.0
     recv_wait_s: float = 0.0
-    passes: int = 0
-    in_flight: int = 0
-    span_ticks: int = 0
-    idle_ticks: int = 0
     peak_saved_bytes: int = 0
 
     @property
@@ -234,7 +232,7 @@ class LoopPipeline:
         self.first, self.last = ps.is_first_stage, ps.is_last_stage
         self.tied = model.cfg.tie_embeddings and ps.pp > 1
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.stats = StageStats()
+        self.stats: StageStats | None = None  # the last step's
 
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
@@ -248,11 +246,9 @@ class LoopPipeline:
         grads, iters = tuple(p.grad for p in plan), tuple(p.kind == "iter" for p in plan)
         order = build(P, len(batches), grads, iters, self.schedule)
         mine = order[ps.pp_rank]
-        stats = StageStats(start=time.perf_counter(), passes=len(plan),
-                           in_flight=max_in_flight(mine, sum(grads), len(plan)))
-        stats.span_ticks, idle = simulated_ticks(P, order, grads, iters)
-        stats.idle_ticks = idle[ps.pp_rank]
-        mbs = [self._micro(i, b, mi, stars, step, seed, bool(sum(p.kind == "fd" for p in plan)), sum(grads))
+        span, idle = simulated_ticks(P, order, grads, iters)
+        stats = StageStats(time.perf_counter(), max_in_flight(mine, sum(grads), len(plan)), (span, idle[ps.pp_rank]))
+        mbs = [self._micro(i, b, mi, stars, step, seed, any(p.kind == "fd" for p in plan), sum(grads))
                for i, (b, mi) in enumerate(zip(batches, micro_ids))]
         net = self._channels(order, plan, mbs)
         meter = HeldBytes(self.model) if self.measure else None

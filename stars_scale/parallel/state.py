@@ -144,46 +144,21 @@ class DeepSpeedMPU:
     """The `mpu` DeepSpeed asks for (duck-typed getters); megatron's parallel_state lacks
     `get_model_parallel_rank/world_size`, so it cannot be passed as is.
 
-    model parallel = tp × pp (the group gradient norms are summed over); DeepSpeed counts a
-    parameter without the `tensor_model_parallel` attribute only on tensor-parallel rank 0, so a
+    `get_<dim>_rank()`, `get_<dim>_world_size()`, `get_<dim>_group()` for the dims below. model
+    parallel = tp × pp (the group gradient norms are summed over); DeepSpeed counts a parameter
+    without the `tensor_model_parallel` attribute only on tensor-parallel rank 0, so a
     replicated norm weight is counted once per pipeline stage.
     """
 
     def __init__(self, ps: ParallelState):
-        self.ps = ps
+        self.dims = {"model_parallel": (dist.get_rank(ps.mp_group), ps.tp * ps.pp, ps.mp_group),
+                     "tensor_model_parallel": (ps.tp_rank, ps.tp, ps.tp_group),
+                     "pipeline_model_parallel": (ps.pp_rank, ps.pp, ps.pp_group),
+                     "data_parallel": (ps.dp_rank, ps.dp, ps.dp_group)}
 
-    def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(self.ps.mp_group)
-
-    def get_model_parallel_world_size(self) -> int:
-        return self.ps.tp * self.ps.pp
-
-    def get_model_parallel_group(self):
-        return self.ps.mp_group
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return self.ps.tp_rank
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return self.ps.tp
-
-    def get_tensor_model_parallel_group(self):
-        return self.ps.tp_group
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return self.ps.pp_rank
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return self.ps.pp
-
-    def get_pipeline_model_parallel_group(self):
-        return self.ps.pp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.ps.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.ps.dp
-
-    def get_data_parallel_group(self):
-        return self.ps.dp_group
+    def __getattr__(self, name: str):
+        for dim, values in self.__dict__.get("dims", {}).items():
+            for what, value in zip(("rank", "world_size", "group"), values):
+                if name == f"get_{dim}_{what}":
+                    return lambda: value
+        raise AttributeError(name)

@@ -85,6 +85,12 @@ def shard_parameter(local: torch.Tensor, full: torch.Tensor, tp_rank: int) -> No
         local.narrow(dim, 0, piece.shape[dim]).copy_(piece)
 
 
+def _shard_linear(inner: nn.Module, linear: nn.Linear, tp_rank: int) -> None:
+    shard_parameter(inner.weight, linear.weight, tp_rank)
+    if linear.bias is not None:
+        shard_parameter(inner.bias, linear.bias, tp_rank)
+
+
 class ColumnParallel(nn.Module):
     """megatron-core ColumnParallelLinear returning a tensor, as nn.Linear does."""
 
@@ -97,9 +103,7 @@ class ColumnParallel(nn.Module):
                                           gather_output=False, skip_bias_add=False)
         mark_split(self.inner.weight, 0, stride)
         mark_split(self.inner.bias, 0, stride)
-        shard_parameter(self.inner.weight, linear.weight, tp_rank)
-        if linear.bias is not None:
-            shard_parameter(self.inner.bias, linear.bias, tp_rank)
+        _shard_linear(self.inner, linear, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)[0]
@@ -141,9 +145,7 @@ class RowParallel(nn.Module):
                                        input_is_parallel=True, skip_bias_add=False)
         mark_split(self.inner.weight, 1)
         mark_split(self.inner.bias, None)
-        shard_parameter(self.inner.weight, linear.weight, tp_rank)
-        if linear.bias is not None:
-            shard_parameter(self.inner.bias, linear.bias, tp_rank)
+        _shard_linear(self.inner, linear, tp_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.scatter is not None:

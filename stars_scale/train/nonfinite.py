@@ -24,12 +24,8 @@ MAX_ROLLBACKS = 3
 
 class NonFiniteGuard:
     def __init__(self, policy: str, max_skips: int, can_skip: bool):
-        self.policy = policy
-        self.max_skips = max_skips
-        self.can_skip = can_skip
-        self.consecutive = 0
-        self.skipped = 0
-        self.rollbacks = 0
+        self.policy, self.max_skips, self.can_skip = policy, max_skips, can_skip
+        self.consecutive = self.skipped = self.rollbacks = 0  # non-finite steps in a row, in all; rollbacks
 
     def after_step(self, step: int, loss: float, grad_norm: float) -> str:
         """'ok', 'skipped' or 'rollback' for the step just taken; raises UserError to stop."""
