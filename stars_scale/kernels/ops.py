@@ -32,6 +32,12 @@ def _native(t: Tensor):
     return cuda_ops() if t.is_cuda and t.dtype != torch.float64 else None
 
 
+def _elementwise(kernel: str, reference, *ts: Tensor) -> Tensor:
+    """`kernel` of the extension on contiguous copies of `ts` where it applies, else the reference."""
+    native = _native(ts[-1])
+    return getattr(native, kernel)(*(t.contiguous() for t in ts)) if native is not None else reference(*ts)
+
+
 # ------------------------------------------------------------------ residual add + norm
 
 @torch.library.custom_op("stars_scale::add_norm", mutates_args=())
@@ -86,10 +92,27 @@ add_norm.register_autograd(_add_norm_grad, setup_context=_add_norm_setup)
 
 # ------------------------------------------------------------------ gated MLP activations
 
+def _activation_backward(name: str, kernel: str, reference):
+    """The backward op of an activation: grad, saved input -> grad of the input (its shape)."""
+    @torch.library.custom_op(f"stars_scale::{name}", mutates_args=())
+    def op(grad: Tensor, saved: Tensor) -> Tensor:
+        return _elementwise(kernel, reference, grad, saved)
+
+    op.register_fake(lambda grad, saved: torch.empty_like(saved, memory_format=torch.contiguous_format))
+    return op
+
+
+def _save_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+swiglu_backward = _activation_backward("swiglu_backward", "swiglu_bwd", ref.swiglu_backward)
+gelu_backward = _activation_backward("gelu_backward", "gelu_bwd", ref.gelu_backward)
+
+
 @torch.library.custom_op("stars_scale::swiglu", mutates_args=())
 def swiglu(gate_up: Tensor) -> Tensor:
-    native = _native(gate_up)
-    return native.swiglu_fwd(gate_up.contiguous()) if native is not None else ref.swiglu(gate_up)
+    return _elementwise("swiglu_fwd", ref.swiglu, gate_up)
 
 
 @swiglu.register_fake
@@ -97,30 +120,9 @@ def _(gate_up):
     return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
 
 
-@torch.library.custom_op("stars_scale::swiglu_backward", mutates_args=())
-def swiglu_backward(grad: Tensor, gate_up: Tensor) -> Tensor:
-    native = _native(gate_up)
-    if native is not None:
-        return native.swiglu_bwd(grad.contiguous(), gate_up.contiguous())
-    return ref.swiglu_backward(grad, gate_up)
-
-
-@swiglu_backward.register_fake
-def _(grad, gate_up):
-    return torch.empty_like(gate_up, memory_format=torch.contiguous_format)
-
-
-def _save_input(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-swiglu.register_autograd(lambda ctx, grad: swiglu_backward(grad, ctx.saved_tensors[0]), setup_context=_save_input)
-
-
 @torch.library.custom_op("stars_scale::gelu", mutates_args=())
 def gelu(x: Tensor) -> Tensor:
-    native = _native(x)
-    return native.gelu_fwd(x.contiguous()) if native is not None else ref.gelu(x)
+    return _elementwise("gelu_fwd", ref.gelu, x)
 
 
 @gelu.register_fake
@@ -128,17 +130,7 @@ def _(x):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("stars_scale::gelu_backward", mutates_args=())
-def gelu_backward(grad: Tensor, x: Tensor) -> Tensor:
-    native = _native(x)
-    return native.gelu_bwd(grad.contiguous(), x.contiguous()) if native is not None else ref.gelu_backward(grad, x)
-
-
-@gelu_backward.register_fake
-def _(grad, x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
+swiglu.register_autograd(lambda ctx, grad: swiglu_backward(grad, ctx.saved_tensors[0]), setup_context=_save_input)
 gelu.register_autograd(lambda ctx, grad: gelu_backward(grad, ctx.saved_tensors[0]), setup_context=_save_input)
 
 
