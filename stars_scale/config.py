@@ -191,6 +191,7 @@ class DataConfig:
     train_size: int = 0  # 0: fresh problems every step; else a fixed training set of this size
     test_size: int = 512
     reverse_answer: bool = True
+    reverse_operands: bool = False  # operands least-significant digit first as well
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
     path: Optional[str] = None  # one dataset directory (manifest.json + shards)
     mixture: list[MixtureItem] = field(default_factory=list)  # or several, sampled by weight

@@ -17,6 +17,34 @@ def test_format_reversed_answer_and_labels():
     assert VOCAB_SIZE == 15 and b["input_ids"].shape[1] == task.seq_len == 14
 
 
+def test_reversed_operands_put_each_answer_digit_at_one_offset_from_its_operands():
+    plain = ArithmeticTask(digits=3, seed=0, test_size=16)
+    task = ArithmeticTask(digits=3, seed=0, test_size=16, reverse_operands=True)
+    b = task.encode(np.array([120 * 1000 + 985]))
+    assert decode_tokens(b["input_ids"][0]) == "021+589= 5011<eos>"  # 120 + 985 = 1105, all LSD first
+    # only the prompt differs: same labels, same test split, same training problems
+    assert torch.equal(b["labels"], plain.encode(np.array([120 * 1000 + 985]))["labels"])
+    assert np.array_equal(task.test_codes, plain.test_codes)
+    for row in task.train_batch(3, 0, 64)["input_ids"]:
+        a, rest = decode_tokens(row).split("+")
+        b_, ans = rest.split("= ")
+        assert int(ans.replace("<eos>", "")[::-1]) == int(a[::-1]) + int(b_[::-1])
+    # digit i (of 10^i) of a sits at position i, of b at n + 1 + i, of the answer at prompt_len + 1 + i:
+    # the answer is at the same offset from both operand digits it needs, for every i
+    ids = task.encode(np.array([123 * 1000 + 456]))["input_ids"][0].tolist()
+    for i in range(3):
+        assert ids[i] == (123 // 10**i) % 10 and ids[4 + i] == (456 // 10**i) % 10
+        assert ids[task.prompt_len + 1 + i] == (579 // 10**i) % 10
+
+
+def test_reverse_operands_is_a_config_field():
+    from stars_scale.config import config_from_dict
+    from stars_scale.data.sources import build_task
+
+    cfg = config_from_dict({"data": {"digits": 2, "reverse_operands": True, "test_size": 8}})
+    assert decode_tokens(build_task(cfg).encode(np.array([12 * 100 + 34]))["input_ids"][0]) == "21+43= 640<eos>"
+
+
 def test_every_training_sum_is_correct():
     task = ArithmeticTask(digits=4, seed=1, test_size=32)
     for row in task.train_batch(3, 0, 64)["input_ids"]:

@@ -1,7 +1,9 @@
 """n-digit + n-digit addition in the STARS format.
 
 A sample reads ``"a+b= " + reversed(a+b) + EOS`` over a 15-token vocabulary (digits, ``+``,
-``=``, space, PAD, EOS), as in STARS' ``train_addition``. Operands are written with exactly n
+``=``, space, PAD, EOS), as in STARS' ``train_addition``. With ``reverse_operands`` the operands
+are written least-significant digit first too, so answer digit i and the operand digits it needs
+sit at the same relative offset for every i (the main job uses this with RoPE). Operands are written with exactly n
 digits (zero-padded) and the answer with n+1, so every sequence has the same length (3n + 5)
 and batches need no padding. The loss covers the answer only: the space after ``=``, the
 reversed digits and EOS (labels are -100 elsewhere).
@@ -42,6 +44,7 @@ class ArithmeticTask:
     test_size: int = 512
     train_size: int = 0  # 0: a fresh draw every step; N: a fixed set of N training problems
     reverse_answer: bool = True
+    reverse_operands: bool = False  # operands least-significant digit first, like the answer
 
     def __post_init__(self) -> None:
         n = self.digits
@@ -82,6 +85,8 @@ class ArithmeticTask:
         da = (a[:, None] // powers_n) % 10
         db = (b[:, None] // powers_n) % 10
         dc = (c[:, None] // powers_c) % 10
+        if self.reverse_operands:
+            da, db = da[:, ::-1], db[:, ::-1]
         if self.reverse_answer:
             dc = dc[:, ::-1]
         B = len(codes)

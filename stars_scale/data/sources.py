@@ -59,7 +59,7 @@ class ArithmeticSource:
 def build_task(cfg: RunConfig) -> ArithmeticTask:
     d = cfg.data
     return ArithmeticTask(digits=d.digits, seed=cfg.seed, test_size=d.test_size, train_size=d.train_size,
-                          reverse_answer=d.reverse_answer)
+                          reverse_answer=d.reverse_answer, reverse_operands=d.reverse_operands)
 
 
 def _local_batch(cfg: RunConfig, dp_size: int) -> int:
