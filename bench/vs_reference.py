@@ -2,6 +2,7 @@
 
     python bench/vs_reference.py [--depth 8] [--hidden 128] [--heads 4] [--batch 64] [--digits 5]
                                  [--steps 8] [--rounds 4] [--compile] [--threads N] [--profile K]
+                                 [--clock wall|cpu]
 
 The reference is re-implemented here from its description (njuyxw/STARS `train_addition`, see
 /work/shared/DESIGN.md), not copied: token + learned position embeddings, one GPT block with
@@ -16,7 +17,10 @@ trainer's `forward_backward`; "reference arithmetic" adds math attention and dro
 
 Every setting runs the same batch and depth; rounds interleave the settings so drift in machine
 load hits them alike. Printed: median ms/step, and each setting's speed-up over the reference's
-step with the same penalty (plain over plain, penalised over penalised). `--profile K` then
+step with the same penalty (plain over plain, penalised over penalised). `--clock cpu` times each step by
+the CPU time this process used (`time.process_time`) instead of the wall clock: on a machine
+shared with other jobs, where this process gets a varying fraction of a core, that is the work a
+step does, not its wait for a core (use `--threads 1` with it). `--profile K` then
 profiles 3 steps of each setting (torch.profiler, CPU) and prints its K most expensive ops by
 self time with their share of the step: what a ratio that misses its target is made of.
 """
@@ -150,6 +154,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--compile", action="store_true", help="also time train.compile: block")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="time steps by wall clock or by this process's CPU time (shared machine)")
     ap.add_argument("--profile", type=int, default=0, metavar="K", help="then print each setting's top K ops")
     args = ap.parse_args()
     if args.threads:
@@ -188,16 +194,17 @@ def main() -> None:
     for name, fn in runners.items():  # warm-up (and compilation)
         for i in range(3):
             fn(i)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     times: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(args.rounds):
         for name, fn in runners.items():
             for i in range(args.steps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 fn(r * args.steps + i)
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"depth {args.depth}, d={args.hidden}, {args.heads} heads, MLP {mlp}, batch {args.batch}x{task.seq_len}, "
-          f"torch threads {torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting")
+          f"torch threads {torch.get_num_threads()}, {args.rounds}x{args.steps} steps per setting, {args.clock} clock")
     print(f"{'setting':48s} {'ms/step':>8s} {'speed-up vs reference':>22s}")
     for name, m in med.items():
         against = "reference, plain" if "plain" in name else "reference, vjp"
