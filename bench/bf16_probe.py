@@ -22,6 +22,7 @@ import torch
 from stars_scale.config import config_from_dict, load_config
 from stars_scale.data.sources import build_task
 from stars_scale.model.looped import LoopedLM
+from stars_scale.parallel.dcp import read_model_state
 from stars_scale.stars.jacobian import METHODS, spectral_penalty
 from stars_scale.train import checkpoint as ckpt
 
@@ -42,7 +43,7 @@ def trained(path: str, batch: int):
     step = ckpt.resolve_checkpoint(path)
     cfg = load_config(step / "config.yaml")
     model = LoopedLM(cfg.model)
-    model.load_state_dict(torch.load(step / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(read_model_state(step, cfg.model))
     ids = build_task(cfg).train_batch(0, 0, batch)["input_ids"]
     return model.eval(), ids
 

@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,27 @@ def make_legacy(ckpt_dir: Path) -> None:
     (ckpt_dir / "trainer_state.json").write_text(json.dumps(state))
 
 
+def to_per_rank_format(ck: Path) -> None:
+    """Rewrite a one-process checkpoint in the format of the versions before DCP (`model.pt` +
+    `rank_00000.pt`, manifest included): what an older run directory holds."""
+    from stars_scale.config import load_config
+    from stars_scale.model.looped import LoopedLM
+    from stars_scale.parallel.engine import Engine
+
+    cfg = load_config(ck / "config.yaml")
+    engine = Engine(cfg)
+    engine.parallelize(LoopedLM(cfg.model))
+    engine.build_optimizer()
+    state = ckpt.load_state(ck)
+    extras = engine.load_shards(ck, state["scheduler"])
+    ckpt.save_tensor_file(engine.model.state_dict(), ck / "model.pt")
+    ckpt.save_tensor_file({"rng": extras["rng"], "data": extras["data"], "layout": engine.layout(),
+                           "engine": engine.opt.state_dict()}, ck / "rank_00000.pt")
+    shutil.rmtree(ck / "dcp")
+    shutil.rmtree(ck / "ranks")
+    ckpt.write_manifest(ck, state["step"])
+
+
 class Payload:
     """Unpickling this runs `open(marker, 'w')`: what a malicious checkpoint would do."""
 
@@ -88,7 +110,8 @@ def test_checkpoint_has_a_manifest_and_verifies(tmp_path, cfg_file):
     assert names == ["step_00000002", "step_00000003", "step_00000004"]  # keep_last 3, pruned in order
     last = tmp_path / "r" / "checkpoints" / "step_00000004"
     manifest = json.loads((last / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.pt", "rank_00000.pt", "config.yaml", "trainer_state.json"}
+    assert set(manifest["files"]) == {"dcp/.metadata", "dcp/__0_0.distcp", "ranks/rank_00000.json", "config.yaml",
+                                      "trainer_state.json"}
     ckpt.verify_checkpoint(last)
     assert not [p for p in (tmp_path / "r" / "checkpoints").iterdir() if p.name.startswith(".")]
 
@@ -97,17 +120,33 @@ def test_pickle_payload_is_refused_not_run(tmp_path, cfg_file, capsys):
     assert train(cfg_file, tmp_path / "r", "--set", "train.steps=1") == 0
     last = tmp_path / "r" / "checkpoints" / "step_00000001"
     marker = tmp_path / "PWNED"
-    torch.save({"w": Payload(str(marker))}, last / "model.pt")
+    metadata = last / "dcp" / ".metadata"
+    good = metadata.read_bytes()
+    metadata.write_bytes(pickle.dumps(Payload(str(marker))))
     # with the manifest: refused before unpickling (sha256 differs)
     assert eval_cli.main(["depth", "--checkpoint", str(last), "--depths", "1"]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "model.pt: " in line and "the manifest says" in line
+    assert ".metadata: " in line and "the manifest says" in line
+    # a manifest rewritten to match (a hostile checkpoint): DCP's pickled metadata goes through
+    # the restricted unpickler, which refuses the payload
+    ckpt.write_manifest(last, 1)
+    assert eval_cli.main(["depth", "--checkpoint", str(last), "--depths", "1"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert ".metadata: refused" in line and "is not a checkpoint metadata class" in line
+    assert train(cfg_file, tmp_path / "r", "--resume", "--set", "train.steps=2") == 2
+    assert ".metadata: refused" in one_error_line(capsys.readouterr().err)
+    assert not marker.exists()
+    metadata.write_bytes(good)
+    ckpt.write_manifest(last, 1)
     # a lost manifest is noticed
     (last / "manifest.json").unlink()
     assert eval_cli.main(["depth", "--checkpoint", str(last), "--depths", "1"]) == 2
     assert "manifest.json: missing" in one_error_line(capsys.readouterr().err)
-    # a legacy checkpoint (no manifest, no marker): the restricted unpickler refuses the payload
+    # the per-rank format of older versions without a manifest: the restricted unpickler refuses the payload
     (last / "manifest.json").write_text("{}")
+    ckpt.write_manifest(last, 1)
+    to_per_rank_format(last)
+    torch.save({"w": Payload(str(marker))}, last / "model.pt")
     make_legacy(last)
     with pytest.raises(ckpt.CheckpointError, match="refused: it holds Python objects"):
         ckpt.load_tensor_file(last / "model.pt")
@@ -120,6 +159,7 @@ def test_payload_in_a_subprocess_eval_never_runs(tmp_path, cfg_file):
     assert train(cfg_file, tmp_path / "r", "--set", "train.steps=1") == 0
     last = tmp_path / "r" / "checkpoints" / "step_00000001"
     marker = tmp_path / "PWNED"
+    to_per_rank_format(last)
     with open(last / "model.pt", "wb") as f:
         pickle.dump(Payload(str(marker)), f)
     make_legacy(last)
@@ -129,7 +169,8 @@ def test_payload_in_a_subprocess_eval_never_runs(tmp_path, cfg_file):
     one_error_line(res.stderr)
 
 
-@pytest.mark.parametrize("victim", ["model.pt", "rank_00000.pt", "trainer_state.json", "config.yaml"])
+@pytest.mark.parametrize("victim", ["dcp/__0_0.distcp", "dcp/.metadata", "ranks/rank_00000.json",
+                                    "trainer_state.json", "config.yaml"])
 def test_corrupt_newest_checkpoint_falls_back_and_says_so(tmp_path, cfg_file, capsys, victim):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--stop-after-steps", "3") == 0
@@ -146,7 +187,7 @@ def test_explicit_corrupt_checkpoint_is_one_line(tmp_path, cfg_file, capsys):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=2") == 0
     last = out / "checkpoints" / "step_00000002"
-    flip_bit(last / "model.pt", offset=-3)
+    flip_bit(last / "dcp" / "__0_0.distcp", offset=-3)
     capsys.readouterr()
     assert train(cfg_file, tmp_path / "r2", "--resume", str(last)) == 2
     assert "sha256 differs" in one_error_line(capsys.readouterr().err)
@@ -156,7 +197,7 @@ def test_explicit_corrupt_checkpoint_is_one_line(tmp_path, cfg_file, capsys):
 def test_exponent_flip_in_weights_is_caught_before_training(tmp_path, cfg_file, capsys):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=2", "--set", "train.keep_last=1") == 0
-    model = out / "checkpoints" / "step_00000002" / "model.pt"
+    model = out / "checkpoints" / "step_00000002" / "dcp" / "__0_0.distcp"
     data = bytearray(model.read_bytes())
     data[-200] ^= 0x40  # inside the last tensor's float32 bytes
     model.write_bytes(bytes(data))
@@ -172,6 +213,7 @@ def test_bad_trainer_state_of_a_legacy_checkpoint_is_one_line(tmp_path, cfg_file
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=1") == 0
     last = out / "checkpoints" / "step_00000001"
+    to_per_rank_format(last)
     (last / "manifest.json").unlink()  # a checkpoint written before manifests: only the state check guards it
     (last / "trainer_state.json").write_text(state)
     capsys.readouterr()
@@ -183,7 +225,21 @@ def test_legacy_checkpoint_without_manifest_still_resumes(tmp_path, cfg_file):
     out = tmp_path / "r"
     assert train(cfg_file, out, "--stop-after-steps", "2") == 0
     for p in (out / "checkpoints").glob("step_*/manifest.json"):
+        to_per_rank_format(p.parent)
         make_legacy(p.parent)
+    assert train(cfg_file, out, "--resume") == 0
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+
+
+def test_per_rank_format_resumes_on_its_layout_and_is_refused_on_another(tmp_path, cfg_file, capsys):
+    out = tmp_path / "r"
+    assert train(cfg_file, out, "--stop-after-steps", "2") == 0
+    for p in ckpt.list_checkpoints(out):
+        to_per_rank_format(p)
+    capsys.readouterr()
+    assert train(cfg_file, out, "--resume", "--set", "parallel.microbatches=2") == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "per-rank format of older versions" in line and "'microbatches': 1" in line
     assert train(cfg_file, out, "--resume") == 0
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
 
@@ -225,7 +281,7 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(tmp_path, cfg_file,
     assert train(cfg_file, out, "--stop-after-steps", "3") == 0
 
     def killed_midway(path, *a, **k):
-        (Path(path) / "model.pt").unlink()  # half deleted, then the "kill"
+        (Path(path) / "dcp" / ".metadata").unlink()  # half deleted, then the "kill"
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
@@ -238,16 +294,16 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(tmp_path, cfg_file,
 
 
 def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, monkeypatch, capsys):
-    real = ckpt.save_tensor_file
-    calls = {"n": 0}
+    from stars_scale.parallel import dcp
 
-    def flaky(obj, path):
-        calls["n"] += 1
-        if Path(path).name == "rank_00000.pt" and "step_00000002" in str(path):
+    real = dcp.save
+
+    def flaky(state, path):
+        if "step_00000002" in str(path):
             raise OSError(28, "No space left on device")
-        real(obj, path)
+        real(state, path)
 
-    monkeypatch.setattr(ckpt, "save_tensor_file", flaky)
+    monkeypatch.setattr(dcp, "save", flaky)
     out = tmp_path / "r"
     assert train(cfg_file, out) == 0
     err = capsys.readouterr().err
@@ -259,14 +315,16 @@ def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, m
 
 
 def test_saves_failing_in_a_row_stop_with_one_line(tmp_path, cfg_file, monkeypatch, capsys):
-    real = ckpt.save_tensor_file
+    from stars_scale.parallel import dcp
 
-    def full_after_first(obj, path):
+    real = dcp.save
+
+    def full_after_first(state, path):
         if "step_00000001" not in str(path):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 320 vs 246")
-        real(obj, path)
+        real(state, path)
 
-    monkeypatch.setattr(ckpt, "save_tensor_file", full_after_first)
+    monkeypatch.setattr(dcp, "save", full_after_first)
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=10", "--set", "train.max_failed_saves=2") == 2
     line = one_error_line(capsys.readouterr().err)
@@ -286,14 +344,14 @@ def test_file_size_limit_gives_one_line_and_keeps_the_previous_checkpoint(tmp_pa
     """A real I/O failure (EFBIG from RLIMIT_FSIZE) in a real process, no monkeypatching."""
     out = tmp_path / "r"
     assert train(cfg_file, out, "--set", "train.steps=1") == 0
-    limit = (out / "checkpoints" / "step_00000001" / "model.pt").stat().st_size + 1024  # the rank file won't fit
+    limit = (out / "checkpoints" / "step_00000001" / "dcp" / "__0_0.distcp").stat().st_size // 2  # won't fit
     res = subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", str(cfg_file), "--out", str(out),
                           "--resume", "--set", "train.steps=3", "--set", "train.max_failed_saves=5"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
                          preexec_fn=_limit_file_size(limit))
     assert res.returncode == 2, res.stderr
     line = one_error_line(res.stderr)
-    assert "final checkpoint was not saved" in line and "File too large; writing rank_00000.pt needs about" in line
+    assert "final checkpoint was not saved" in line and "File too large; writing dcp/__0_0.distcp needs about" in line
     assert "step_00000002: checkpoint not written" in res.stderr  # the periodic one warned, training went on
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_00000001"]
     ckpt.verify_checkpoint(out / "checkpoints" / "step_00000001")

@@ -39,13 +39,14 @@ def test_state_trajectories_match_the_model_loop(trained):
     from stars_scale.config import load_config
     from stars_scale.data.sources import build_eval_batch
     from stars_scale.model.looped import LoopedLM
+    from stars_scale.parallel.dcp import read_model_state
     from stars_scale.train import checkpoint as ckpt
 
     tmp, _ = trained
     path = ckpt.resolve_checkpoint(tmp / "run")
     cfg = load_config(path / "config.yaml")
     model = LoopedLM(cfg.model)
-    model.load_state_dict(ckpt.load_tensor_file(path / "model.pt"))
+    model.load_state_dict(read_model_state(path, cfg.model))
     batch, _ = build_eval_batch(cfg, 5)
     traj, correct = state_trajectories(model, batch["input_ids"], batch["labels"], 3)
     assert traj.shape == (5, 4, batch["input_ids"].shape[1] * cfg.model.hidden) and correct.shape == (5, 4)

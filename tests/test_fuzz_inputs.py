@@ -356,7 +356,8 @@ def checkpoint(tmp_path_factory):
     return tmp / "run" / "checkpoints" / "step_00000001"
 
 
-CKPT_FILES = ["model.pt", "rank_00000.pt", "trainer_state.json", "config.yaml", "manifest.json"]
+CKPT_FILES = ["dcp/__0_0.distcp", "dcp/.metadata", "ranks/rank_00000.json", "trainer_state.json", "config.yaml",
+              "manifest.json"]
 
 
 @st.composite

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from stars_scale.errors import UserError
+from stars_scale.parallel.dcp import read_checkpoint
 from stars_scale.parallel.testing import make_cfg, spawn
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.trainer import Trainer
@@ -29,7 +30,7 @@ def _inject(trainer: Trainer, bad_steps: set[int], where: str) -> None:
 
 
 def _finite(path: Path) -> bool:
-    sd = torch.load(path / "model.pt", weights_only=True)
+    sd = read_checkpoint(path)[1]
     return all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
 
 
@@ -54,8 +55,8 @@ def test_nonfinite_steps_are_skipped_and_never_reach_the_weights(tmp_path, where
         ckpt.verify_checkpoint(p)
         assert _finite(p), p
     # a skipped step leaves the weights exactly as they were
-    a = torch.load(tmp_path / "r" / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "r" / "checkpoints" / "step_00000004" / "model.pt", weights_only=True)
+    a = read_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000002")[1]
+    b = read_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000004")[1]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -96,9 +97,8 @@ def test_rollback_reloads_the_last_checkpoint_with_a_lower_lr(tmp_path, capsys):
     assert "rolling back to step_00000004 with the learning rate scaled by 0.25" in err
     steps = [r["step"] for r in _rows(tmp_path / "r")]
     assert steps == [1, 2, 3, 4, 5, 6, 5, 6, 7, 8]  # 5 and 6 skipped, rolled back to 4, trained again
-    state = torch.load(tmp_path / "r" / "checkpoints" / "step_00000008" / "rank_00000.pt", weights_only=True)
-    assert state["engine"]["scheduler"]["base_lrs"] == [pytest.approx(lr_before * 0.25)] * len(
-        state["engine"]["scheduler"]["base_lrs"])
+    state = ckpt.load_state(tmp_path / "r" / "checkpoints" / "step_00000008")
+    assert state["scheduler"]["base_lrs"] == [pytest.approx(lr_before * 0.25)] * len(state["scheduler"]["base_lrs"])
     assert all(_finite(q) for q in ckpt.list_checkpoints(tmp_path / "r"))
 
 
@@ -121,6 +121,6 @@ def test_a_nan_on_one_rank_is_skipped_on_every_rank(parallel):
         for p in ckpt.list_checkpoints(run):
             ckpt.verify_checkpoint(p)
             assert _finite(p), p
-        a = torch.load(run / "checkpoints" / "step_00000002" / "model.pt", weights_only=True)
-        b = torch.load(run / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+        a = read_checkpoint(run / "checkpoints" / "step_00000002")[1]
+        b = read_checkpoint(run / "checkpoints" / "step_00000003")[1]
         assert all(torch.equal(a[k], b[k]) for k in a)  # the skipped step changed nothing, on any stage

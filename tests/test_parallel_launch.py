@@ -92,7 +92,8 @@ def test_torchrun_tp2_trains_logs_once_and_checkpoints_per_rank(tmp_path, config
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_00000002", "step_00000003"]
     last = run / "checkpoints" / "step_00000003"
-    assert sorted(p.name for p in last.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in last.glob("dcp/*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    assert sorted(p.name for p in last.glob("ranks/*.json")) == ["rank_00000.json", "rank_00001.json"]
     assert json.loads((last / "trainer_state.json").read_text())["layout"]["tp"] == 2
     ds = json.loads((run / "depth_scaling.json").read_text())
     assert ds["depths"] == [1, 3]

@@ -152,6 +152,7 @@ def test_trained_run_exports_to_hf_and_imports_back_bit_exact(tmp_path, tiny_con
     import torch
 
     from stars_scale.convert import load_converted
+    from stars_scale.parallel.dcp import read_checkpoint
 
     run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
          "--set", "train.steps=4"], tmp_path)
@@ -160,7 +161,7 @@ def test_trained_run_exports_to_hf_and_imports_back_bit_exact(tmp_path, tiny_con
     assert "depth" in card.lower() and (tmp_path / "hf" / "depth_scaling.json").is_file()
     run(["stars_scale.cli.convert", "import", "--from", "hf", "hf", "--out", "back"], tmp_path)
     _, sd = load_converted(tmp_path / "back")
-    trained = torch.load(tmp_path / "r" / "checkpoints" / "step_00000004" / "model.pt", weights_only=True)
+    trained = read_checkpoint(tmp_path / "r" / "checkpoints" / "step_00000004")[1]
     assert set(sd) == set(trained)
     for name, t in trained.items():
         assert torch.equal(sd[name], t), name

@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from stars_scale.errors import UserError
         from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
         from stars_scale.model.looped import LoopedLM
+        from stars_scale.parallel.dcp import read_model_state
         from stars_scale.train import checkpoint as ckpt
 
         depths = parse_depths(args.depths)
@@ -103,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         state = ckpt.load_state(path)
         model = LoopedLM(cfg.model)
         try:
-            model.load_state_dict(ckpt.load_tensor_file(path / "model.pt"))
+            model.load_state_dict(read_model_state(path, cfg.model))  # DCP shards of any layout, or model.pt
         except RuntimeError as e:
-            raise UserError(f"{path / 'model.pt'}: does not match the checkpoint's config ({e})") from None
+            raise UserError(f"{path}: the weights do not match the checkpoint's config ({e})") from None
         samples = args.samples or cfg.eval.samples
         if samples < 1:
             raise UserError(f"--samples: must be >= 1, got {samples}")
@@ -161,7 +162,7 @@ def _lm(args) -> int:
     except KeyError as e:  # lm-eval: an unknown task name
         raise UserError(f"--tasks: lm-eval does not know {e} (add its YAML directory with --include-path)") from None
     table["checkpoint"] = str(wdir)
-    is_training_ckpt = (wdir / "model.pt").is_file()
+    is_training_ckpt = (wdir / "model.pt").is_file() or (wdir / "dcp").is_dir()
     out = Path(args.out) if args.out else (wdir.parent.parent / f"eval_{wdir.name}" if is_training_ckpt
                                            else wdir / "eval")
     out.mkdir(parents=True, exist_ok=True)

@@ -88,27 +88,31 @@ def save_converted(out: str | Path, run: RunConfig, sd: dict[str, torch.Tensor],
 
 
 def resolve_weights_dir(path: str | Path) -> Path:
-    """A converted dir (model.safetensors), a training checkpoint (model.pt) or a training run
-    directory (its latest complete checkpoint)."""
+    """A converted dir (model.safetensors), a training checkpoint (dcp/, or model.pt of older
+    versions) or a training run directory (its latest complete checkpoint)."""
     from stars_scale.train.checkpoint import resolve_checkpoint
 
     d = Path(path)
     if not d.is_dir():
         raise UserError(f"{d}: not a directory")
-    if (d / WEIGHTS_NAME).is_file() or not ((d / "checkpoints").is_dir() or (d / "model.pt").is_file()):
+    if (d / WEIGHTS_NAME).is_file() or not ((d / "checkpoints").is_dir() or _is_training_checkpoint(d)):
         return d
     return resolve_checkpoint(d)
+
+
+def _is_training_checkpoint(d: Path) -> bool:
+    return (d / "model.pt").is_file() or (d / "dcp").is_dir()
 
 
 def load_converted_run(path: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     """(RunConfig, state dict) of a converted checkpoint directory or a training checkpoint, validated."""
     d = resolve_weights_dir(path)
     run = load_config(d / CONFIG_NAME)
-    if not (d / WEIGHTS_NAME).is_file() and (d / "model.pt").is_file():  # a stars-train checkpoint
-        from stars_scale.train.checkpoint import load_tensor_file
+    if not (d / WEIGHTS_NAME).is_file() and _is_training_checkpoint(d):  # a stars-train checkpoint
+        from stars_scale.parallel.dcp import read_model_state
 
-        sd = fuse_state_dict(dict(load_tensor_file(d / "model.pt")), run.model)  # older layouts too
-        check_state_dict(run.model, storable(run.model, sd), str(d / "model.pt"))
+        sd = fuse_state_dict(read_model_state(d, run.model), run.model)  # older layouts too
+        check_state_dict(run.model, storable(run.model, sd), str(d))
         return run, sd
     wpath = d / WEIGHTS_NAME
     if not wpath.is_file():

@@ -7,6 +7,9 @@ Both expose the same calls to `engine.Engine`:
     engine.step() -> norm   average the gradients over the data-parallel group, clip them by
                             the true global norm, update, advance the learning-rate schedule
     engine.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
+    engine.logical_state(specs, loading)      the optimizer state (and, under ZeRO, the fp32
+                            master weights) as pieces of logical tensors (parallel/dcp.py)
+    engine.after_load()     what a DCP load leaves to do (ZeRO: master weights from the model)
 
 The global gradient norm counts every parameter once: tensor-parallel shards (megatron's
 `tensor_model_parallel` attribute) on every tensor rank, replicated parameters (norms, biases
@@ -25,7 +28,31 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig
+from stars_scale.parallel.dcp import Logical, ShardSpec
 from stars_scale.train.optim import build_optimizer, build_scheduler
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def load_schedule(scheduler, state: dict) -> None:
+    """The learning-rate schedule from a checkpoint's JSON state, and its rate in the optimizer."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def _adamw_state(optimizer, p: torch.Tensor) -> dict:
+    """AdamW's state of `p`; before its first update, AdamW's fresh state (step 0, zero moments),
+    which gives the same next update as no state."""
+    st = optimizer.state[p]
+    if not st:
+        st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                  exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+    return st
+
+
+def _scalar_spec() -> ShardSpec:
+    return ShardSpec(())
 
 
 def _counted(p: torch.Tensor, tp_rank: int) -> bool:
@@ -111,6 +138,22 @@ class PlainDataParallel:
     def state_bytes(self) -> dict[str, int]:
         return _state_bytes(self.params, self.optimizer.state.values())
 
+    def logical_state(self, specs, loading: bool) -> dict[str, Logical]:
+        """AdamW's state of every parameter, sharded like the parameter. A parameter that never
+        had a gradient gets AdamW's fresh state (step 0, zero moments: the same next update)."""
+        out = {}
+        for name, p, spec in specs:
+            if not (isinstance(p, torch.nn.Parameter) and p.requires_grad):
+                continue
+            st = _adamw_state(self.optimizer, p)
+            for key in MOMENTS:
+                out[f"optim/{name}/{key}"] = Logical(spec.shape, st[key].dtype).add_local(st[key], spec)
+            out[f"optim/{name}/step"] = Logical((), st["step"].dtype).add_local(st["step"], _scalar_spec())
+        return out
+
+    def after_load(self) -> None:
+        pass
+
 
 def _state_bytes(params, states) -> dict[str, int]:
     out = {"params": sum(p.numel() * p.element_size() for p in params), "grads": 0, "optimizer": 0}
@@ -183,6 +226,40 @@ class ZeroDataParallel:
 
             raise UserError(f"{directory}: no DeepSpeed checkpoint {tag!r} for this layout")
         self.scheduler.load_state_dict(client["scheduler"])
+
+    def logical_state(self, specs, loading: bool) -> dict[str, Logical]:
+        """This rank's ZeRO partition as logical pieces: each parameter's fragment (a flat range
+        of it, DeepSpeed's `_hp_mapping`) of the fp32 master (`model/`, when saving; a load fills
+        the whole model and `after_load` copies it into the master) and of AdamW's moments; the
+        step count of the fragment's group (one per group under ZeRO) for each parameter."""
+        opt = self.optimizer
+        out = {}
+        for name, p, spec in specs:
+            m = getattr(p, "_hp_mapping", None)
+            if not isinstance(p, torch.nn.Parameter) or not p.requires_grad:
+                continue
+            entries = {f"optim/{name}/{k}": Logical(spec.shape, torch.float32) for k in MOMENTS}
+            if not loading:
+                entries[f"model/{name}"] = Logical(spec.shape, torch.float32)
+            out.update(entries)
+            if m is None:  # no part of it in this rank's partition
+                continue
+            flat = opt.single_partition_of_fp32_groups[m.param_group_index]
+            st = _adamw_state(opt.optimizer, flat)
+            hp, lp = m.get_hp_fragment_address(), m.lp_fragment_address
+            for key in MOMENTS:
+                entries[f"optim/{name}/{key}"].add_flat(st[key].narrow(0, hp.start, hp.numel), lp.start, p.shape, spec)
+            if not loading:
+                entries[f"model/{name}"].add_flat(flat.narrow(0, hp.start, hp.numel), lp.start, p.shape, spec)
+            out[f"optim/{name}/step"] = Logical((), st["step"].dtype).add_local(st["step"], _scalar_spec())
+        return out
+
+    def after_load(self) -> None:
+        """The fp32 master partition from the (just loaded) model weights."""
+        for p in self.engine.module.parameters():
+            m = getattr(p, "_hp_mapping", None)
+            if m is not None:
+                m.update_hp()
 
     def state_bytes(self) -> dict[str, int]:
         out = _state_bytes(self.engine.module.parameters(), self.optimizer.optimizer.state.values())

@@ -12,8 +12,9 @@ torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the group
     engine.forward_backward()    pp > 1: the loop pipeline; else `step.forward_backward` per microbatch
     engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
     engine.reduce_metrics()      the step's metrics, averaged over dp, the same on every rank
-    engine.save_shards/load_shards  this rank's shard of the checkpoint (the resharding seam)
-    engine.full_state_dict()     the single-device state dict (collective)
+    engine.save_shards/load_shards  this rank's pieces of the logical checkpoint (DCP, parallel/dcp.py):
+                                 saved on one layout, loaded on any other (resharding)
+    engine.full_state_dict()     the single-device state dict (collective; evaluation only)
 
 Microbatches: each DP rank reads `batch_size / dp` rows per source batch and splits them into
 `parallel.microbatches`; microbatch j of DP rank r in accumulation round a is global microbatch
@@ -22,7 +23,9 @@ with M microbatches therefore equals one process with dp·M microbatches.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -32,14 +35,18 @@ import torch.distributed as dist
 from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
 from stars_scale.model.fused import refuse_unfused_resume
+from stars_scale.parallel import dcp
 from stars_scale.parallel.consolidate import full_state_dict
-from stars_scale.parallel.data_parallel import build_data_parallel
+from stars_scale.parallel.data_parallel import build_data_parallel, load_schedule
 from stars_scale.parallel.pipeline import HeldBytes, LoopPipeline, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
 from stars_scale.stars.depth import Depth
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.step import MicroResult, forward_backward
+from stars_scale.utils import atomic_write_text
+
+RANKS_DIR = "ranks"
 
 
 class Engine:
@@ -228,20 +235,59 @@ class Engine:
             return self.model.state_dict()
         return full_state_dict(self.model, self.ps, self.core_offset, self.cfg.model)
 
-    def save_shards(self, tmp: Path, extra: dict) -> None:
-        """This rank's shard into the checkpoint being written: its model part (when the model is
-        split or replicated), optimizer (or DeepSpeed) state and `extra` (RNG, data position)."""
-        state = {**extra, "layout": self.layout()}
-        if self.multi:
-            state["model"] = self.model.state_dict()
-        if self.zero == 0:
-            state["engine"] = self.opt.state_dict()
-        ckpt.save_tensor_file(state, self.rank_file(tmp))
-        if self.zero:
-            self.opt.save(tmp / "deepspeed", tag="state")
+    def checkpoint_state(self, loading: bool) -> dict[str, dcp.Logical]:
+        """This rank's pieces of the logical (single-device) model and optimizer state."""
+        ps = self.ps
+        specs = dcp.param_specs(self.model, self.cfg.model, ps.tp, ps.tp_rank, self.core_offset)
+        state = self.opt.logical_state(specs, loading)
+        for name, t, spec in specs:
+            state.setdefault(f"model/{name}", dcp.Logical(spec.shape, t.dtype).add_local(t.detach(), spec))
+        return state
 
-    def load_shards(self, path: Path) -> dict:
-        """This rank's shard of checkpoint `path` into the model and optimizer; returns its extras."""
+    def save_shards(self, tmp: Path, extra: dict) -> None:
+        """Collective: every rank writes its own pieces of the logical state through DCP (no rank
+        gathers the model), and its RNG and data position into ranks/rank_N.json."""
+        dcp.save(self.checkpoint_state(loading=False), tmp / dcp.DCP_DIR)
+        ps = self.ps
+        mine = {"rank": ps.rank, "dp_rank": ps.dp_rank, "layout": self.layout(),
+                "rng": base64.b64encode(extra["rng"].numpy().tobytes()).decode(), "data": extra["data"]}
+        (tmp / RANKS_DIR).mkdir(exist_ok=True)
+        atomic_write_text(tmp / RANKS_DIR / f"rank_{ps.rank:05d}.json", json.dumps(mine) + "\n")
+
+    def load_shards(self, path: Path, scheduler_state: dict | None = None) -> dict:
+        """This rank's pieces of checkpoint `path` (saved on any layout) into the model and the
+        optimizer; returns its extras (rng, data) from the saved rank of the same data-parallel
+        rank (or rank 0's). Checkpoints of the per-rank format load on their own layout only."""
+        if not (path / dcp.DCP_DIR).is_dir():
+            return self._load_rank_files(path)
+        dcp.load(self.checkpoint_state(loading=True), path / dcp.DCP_DIR)
+        self.opt.after_load()
+        if scheduler_state is None:
+            raise UserError(f"{path / ckpt.STATE_FILE}: no 'scheduler' state")
+        load_schedule(self.opt.scheduler, scheduler_state)
+        return self._extras(path)
+
+    def _extras(self, path: Path) -> dict:
+        saved = {}
+        for f in sorted((path / RANKS_DIR).glob("rank_*.json")):
+            try:
+                d = json.loads(f.read_text())
+                saved[int(d["rank"])] = d
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{f}: unreadable rank state ({type(e).__name__}: {e})") from None
+        ps = self.ps
+        same = [d for d in saved.values() if d.get("dp_rank") == ps.dp_rank]
+        pick = saved.get(ps.rank) if saved.get(ps.rank) in same else (same[0] if same else saved.get(0))
+        if pick is None:
+            raise UserError(f"{path / RANKS_DIR}: no rank_00000.json")
+        try:
+            rng = torch.frombuffer(bytearray(base64.b64decode(pick["rng"], validate=True)), dtype=torch.uint8)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path / RANKS_DIR}: rank {pick.get('rank')}: bad 'rng' ({e})") from None
+        return {"rng": rng, "data": pick.get("data")}
+
+    def _load_rank_files(self, path: Path) -> dict:
+        """A checkpoint of the per-rank format (before DCP): same layout only (checked by the trainer)."""
         f = self.rank_file(path)
         if not f.is_file():
             raise UserError(f"{path}: no {f.name} (the checkpoint was written by another layout or is incomplete)")

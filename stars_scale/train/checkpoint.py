@@ -5,8 +5,12 @@ Layout of a run directory:
     DIR/config.yaml                      resolved config of the run
     DIR/metrics.jsonl                    one JSON object per logged step
     DIR/checkpoints/step_00000020/       one complete checkpoint
-        model.pt  optimizer.pt  rng.pt  trainer_state.json  config.yaml  [rank files under parallelism]
+        dcp/                             model and optimizer: every rank's pieces (parallel/dcp.py)
+        ranks/rank_00000.json            per rank: RNG, data position
+        trainer_state.json  config.yaml
         manifest.json                    written last: every file's size and sha256
+    (versions before DCP wrote model.pt + rank_*.pt instead of dcp/ and ranks/; they still load
+    on the layout that wrote them)
     DIR/checkpoints/latest               name of the newest complete checkpoint
 
 Safety. Tensor files are read with `torch.load(weights_only=True)`: PyTorch's restricted unpickler
@@ -167,10 +171,10 @@ def verify_checkpoint(ckpt: Path) -> None:
     ckpt = Path(ckpt)
     manifest = read_manifest(ckpt)
     if manifest is None:
+        if (ckpt / STATE_FILE).is_file() and "checkpoint_format" in load_state(ckpt):
+            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: missing (the checkpoint was written with one)")
         if not (ckpt / "model.pt").is_file():
             raise CheckpointError(f"{ckpt}: incomplete checkpoint (no {MANIFEST_FILE} and no model.pt)")
-        if "checkpoint_format" in load_state(ckpt):
-            raise CheckpointError(f"{ckpt / MANIFEST_FILE}: missing (the checkpoint was written with one)")
         _say(f"note: {ckpt} has no {MANIFEST_FILE} (written before checkpoints carried one): loading it unverified")
     else:
         for rel, meta in manifest["files"].items():
@@ -343,7 +347,7 @@ class SaveRetry:
         return path
 
 
-class _RecordingFile(io.FileIO):
+class RecordingFile(io.FileIO):
     """torch.save reports a failed write as a RuntimeError without the cause; keep the OSError."""
 
     error: OSError | None = None
@@ -374,7 +378,7 @@ def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
 
 def save_tensor_file(obj: Any, path: Path) -> None:
     """torch.save + fsync; a failed write raises the OSError (ENOSPC, EFBIG, EIO) with the bytes needed."""
-    f = _RecordingFile(path, "wb")
+    f = RecordingFile(path, "wb")
     try:
         with f:
             torch.save(obj, f)

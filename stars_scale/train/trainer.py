@@ -4,10 +4,10 @@ One Trainer for every layout: what differs by layout (process groups, the model'
 form, the forward-backward of a step, the optimizer/ZeRO step, checkpoint shards) is the
 `stars_scale.parallel.engine.Engine` it drives; one process is the engine's trivial case.
 
-Checkpoints: `model.pt` (the single-device model, consolidated under parallelism, so that
-`stars-eval` reads it as is), `rank_00003.pt` per rank (its model part when there are several
-ranks, optimizer state or a DeepSpeed directory, RNG, data position), `trainer_state.json`
-(step, schedule, layout) and `config.yaml`; resuming needs the same layout.
+Checkpoints: `dcp/` (torch.distributed.checkpoint: every rank writes its pieces of the
+single-device model and optimizer state under their logical names, so a checkpoint resumes on
+any layout and `stars-eval` reads it in one process), `ranks/rank_00003.json` per rank (RNG,
+data position), `trainer_state.json` (step, schedule, layout) and `config.yaml`.
 """
 from __future__ import annotations
 
@@ -146,10 +146,12 @@ class Trainer:
         saved_cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
         if saved_cfg is not None and saved_cfg.model != self.cfg.model:
             raise UserError(f"{path}: the checkpoint's model config differs from this run's model config")
-        if state.get("layout") != self.engine.layout():
-            raise UserError(f"{path}: written with layout {state.get('layout')}, this run is {self.engine.layout()}; "
-                            "resume on the same parallel.tp/pp/zero/microbatches and number of processes")
-        mine = self.engine.load_shards(path)
+        legacy = not (path / "dcp").is_dir()  # per-rank files: only the layout that wrote them
+        if legacy and state.get("layout") != self.engine.layout():
+            raise UserError(f"{path}: written with layout {state.get('layout')} in the per-rank format of older "
+                            f"versions, this run is {self.engine.layout()}; resume it on the same "
+                            "parallel.tp/pp/zero/microbatches and number of processes")
+        mine = self.engine.load_shards(path, state.get("scheduler"))
         torch.set_rng_state(mine["rng"])
         self.source.load_state_dict(mine["data"])
         self.step = int(state["step"])
@@ -222,12 +224,10 @@ class Trainer:
 
     def save(self) -> Path:
         engine = self.engine
-        full = engine.full_state_dict()  # collective
 
         def write(tmp: Path) -> None:
             engine.save_shards(tmp, {"rng": torch.get_rng_state(), "data": self.source.state_dict()})
             if engine.is_writer:
-                ckpt.save_tensor_file(full, tmp / "model.pt")
                 save_config(self.cfg, tmp / "config.yaml")
 
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
