@@ -249,6 +249,9 @@ class TrainConfig:
     # a checkpoint save that fails (disk full, I/O error) warns and is retried at the next
     # interval; this many failures in a row stop the run
     max_failed_saves: int = 3
+    # write periodic checkpoints on a background thread (the step goes on; the state is copied
+    # first, so each rank holds a second copy of its part while a save is in flight)
+    async_save: bool = False
     # a step whose loss or global gradient norm is not finite is skipped (no update); after
     # max_skips in a row: skip -> stop, rollback -> reload the newest verified checkpoint with the
     # learning rate scaled by rollback_lr_scale, stop -> stop at the first one

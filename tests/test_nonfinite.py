@@ -111,7 +111,8 @@ def _parallel_worker(rank: int, world: int, out: str, parallel: dict):
     t.run()
 
 
-@pytest.mark.parametrize("parallel", [{"microbatches": 2}, {"pp": 2, "microbatches": 2}], ids=["dp2", "pp2"])
+@pytest.mark.parametrize("parallel", [{"microbatches": 2}, {"pp": 2, "microbatches": 2}, {"zero": 1, "microbatches": 2},
+                                      {"zero": 2, "microbatches": 1}], ids=["dp2", "pp2", "dp2-zero1", "dp2-zero2"])
 def test_a_nan_on_one_rank_is_skipped_on_every_rank(parallel):
     with tempfile.TemporaryDirectory() as out:
         spawn(_parallel_worker, 2, out, parallel)

@@ -194,7 +194,8 @@ class ZeroDataParallel:
             "gradient_clipping": cfg.optim.grad_clip,
             "zero_optimization": {"stage": self.zero, "overlap_comm": False, "contiguous_gradients": True,
                                   "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
-            "bf16": {"enabled": cfg.train.dtype == "bf16"},
+            # a non-finite global norm skips the update (fp32 always; bf16 only with this)
+            "bf16": {"enabled": cfg.train.dtype == "bf16", "check_grad_overflow": True},
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
         }

@@ -138,6 +138,12 @@ class Logical:
     def size(self) -> torch.Size:
         return self.shape
 
+    def copy(self) -> "Logical":
+        """The same pieces, copied (an asynchronous save writes them while training goes on)."""
+        out = Logical(self.shape, self.dtype)
+        out.pieces = {o: (s, v.detach().clone()) for o, (s, v) in self.pieces.items()}
+        return out
+
     def view_at(self, offsets) -> torch.Tensor:
         return self.pieces[tuple(offsets)][1]
 
@@ -279,12 +285,13 @@ class _Writer(dcp.FileSystemWriter):
         self.fs = _RecordingFS()
 
 
-def save(state: dict[str, Logical | torch.Tensor], path: Path) -> None:
-    """Collective: every rank writes its pieces of `state` under `path` (DCP's files + .metadata)."""
+def save(state: dict[str, Logical | torch.Tensor], path: Path, group=None) -> None:
+    """Collective over `group` (default: the world): every rank writes its pieces of `state`
+    under `path` (DCP's files + .metadata)."""
     writer = _Writer(path)
     try:
         with _one_process_quietly():
-            dcp.save(state, storage_writer=writer, planner=_SavePlanner(), no_dist=_no_dist())
+            dcp.save(state, storage_writer=writer, planner=_SavePlanner(), process_group=group, no_dist=_no_dist())
     except dcp.api.CheckpointException as e:
         err = writer.fs.error or _first_error(e)
         if isinstance(err, OSError) and err.errno:  # ENOSPC, EFBIG, EIO: say what it needed

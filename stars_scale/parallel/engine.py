@@ -12,7 +12,7 @@ torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the group
     engine.forward_backward()    pp > 1: the loop pipeline; else `step.forward_backward` per microbatch
     engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
     engine.reduce_metrics()      the step's metrics, averaged over dp, the same on every rank
-    engine.save_shards/load_shards  this rank's pieces of the logical checkpoint (DCP, parallel/dcp.py):
+    engine.shard_writer/load_shards  this rank's pieces of the logical checkpoint (DCP, parallel/dcp.py):
                                  saved on one layout, loaded on any other (resharding)
     engine.full_state_dict()     the single-device state dict (collective; evaluation only)
 
@@ -62,6 +62,8 @@ class Engine:
         # at once in the last step (HeldBytes: unique storages, parameters excluded)
         self.measure = False
         self.peak_saved_bytes = 0
+        # asynchronous checkpoints run their collectives on a group of their own, on a thread
+        self.ckpt_group = dist.new_group(backend="gloo") if self.multi and cfg.train.async_save else None
 
     # ------------------------------------------------------------------ who does what
 
@@ -192,11 +194,6 @@ class Engine:
         """Average over dp, clip by the global norm, update, advance the schedule; the norm."""
         return self.opt.step()
 
-    @property
-    def can_skip_steps(self) -> bool:
-        """Whether a non-finite step leaves the weights untouched (zero 0; DeepSpeed steps in backward)."""
-        return self.zero == 0
-
     def scale_lr(self, factor: float) -> None:
         self.opt.scale_lr(factor)
 
@@ -244,15 +241,32 @@ class Engine:
             state.setdefault(f"model/{name}", dcp.Logical(spec.shape, t.dtype).add_local(t.detach(), spec))
         return state
 
-    def save_shards(self, tmp: Path, extra: dict) -> None:
-        """Collective: every rank writes its own pieces of the logical state through DCP (no rank
-        gathers the model), and its RNG and data position into ranks/rank_N.json."""
-        dcp.save(self.checkpoint_state(loading=False), tmp / dcp.DCP_DIR)
+    def shard_writer(self, extra: dict, copy: bool = False) -> Callable[[Path], None]:
+        """The function that writes this rank's part of a checkpoint (collective): its own pieces
+        of the logical state through DCP (no rank gathers the model), its RNG and data position
+        into ranks/rank_N.json. `copy`: copy them now, and write over the checkpoint group, for
+        an asynchronous save (training goes on while a thread writes)."""
+        state = self.checkpoint_state(loading=False)
+        if copy:
+            state = {k: v.copy() for k, v in state.items()}
         ps = self.ps
         mine = {"rank": ps.rank, "dp_rank": ps.dp_rank, "layout": self.layout(),
                 "rng": base64.b64encode(extra["rng"].numpy().tobytes()).decode(), "data": extra["data"]}
-        (tmp / RANKS_DIR).mkdir(exist_ok=True)
-        atomic_write_text(tmp / RANKS_DIR / f"rank_{ps.rank:05d}.json", json.dumps(mine) + "\n")
+        text = json.dumps(mine) + "\n"
+        group = self.ckpt_group if copy else None
+
+        def write(tmp: Path) -> None:
+            dcp.save(state, tmp / dcp.DCP_DIR, group)
+            (tmp / RANKS_DIR).mkdir(exist_ok=True)
+            atomic_write_text(tmp / RANKS_DIR / f"rank_{ps.rank:05d}.json", text)
+
+        return write
+
+    def checkpoint_barrier(self) -> None:
+        """The barrier of an asynchronous save (its own group: the training thread's collectives
+        go on meanwhile)."""
+        if self.multi:
+            dist.barrier(group=self.ckpt_group)
 
     def load_shards(self, path: Path, scheduler_state: dict | None = None) -> dict:
         """This rank's pieces of checkpoint `path` (saved on any layout) into the model and the

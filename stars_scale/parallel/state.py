@@ -101,8 +101,9 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
         if "MASTER_ADDR" not in os.environ and world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout,
+                                store=_restart_store(world, timeout))
     from megatron.core import parallel_state as mps
 
     if mps.model_parallel_is_initialized():  # a new layout in the same world (tests run several)
@@ -122,6 +123,21 @@ def init_parallel(cfg: RunConfig, timeout_s: float = 600.0) -> ParallelState:
     dist.all_reduce(who, op=dist.ReduceOp.MAX)
     state.logger_rank = int(who.item())
     return state
+
+
+def _restart_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun (the agent hosts the store), a store whose keys are this attempt's own.
+
+    torchrun keeps one TCPStore (the rendezvous's) across the restarts of a job and torch's env://
+    rendezvous adds no per-attempt prefix, so after a restart gloo read the dead workers'
+    addresses from the previous attempt and waited to connect to them (the restart hung in
+    `init_process_group`). None elsewhere (env:// as usual)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"/stars/attempt_{attempt}", store)
 
 
 def destroy_parallel() -> None:

@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -216,14 +217,14 @@ def clean_stale(run_dir: Path) -> list[str]:
     return removed
 
 
-def _all_ok(ok: bool) -> bool:
-    """True on every rank iff every rank's `ok` is True (the world group under torch.distributed)."""
+def _all_ok(ok: bool, group=None) -> bool:
+    """True on every rank iff every rank's `ok` is True (over `group`, default the world)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return ok
     t = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
     return bool(t.item())
 
 
@@ -258,13 +259,15 @@ def prune(run_dir: Path, keep_last: int, up_to_step: int) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None], state: dict[str, Any],
-                    keep_last: int, is_writer: bool = True, barrier: Callable[[], None] | None = None) -> Path:
+                    keep_last: int, is_writer: bool = True, barrier: Callable[[], None] | None = None,
+                    group=None) -> Path:
     """Write checkpoint `step`: `write_files(tmp_dir)` puts the tensors, then the state and the manifest.
 
     Under parallelism every rank calls this with its own `write_files` (rank-suffixed files); the
     writer rank creates the temporary dir, all ranks write, and the writer adds the state and the
     manifest and renames it after the barrier. If any rank fails to write, every rank raises
     `CheckpointSaveError`, the temporary dir is removed and the previous checkpoints are untouched.
+    `group`: the process group of the collectives (an asynchronous save has its own).
     """
     root = checkpoint_root(run_dir)
     final = root / step_dir_name(step)
@@ -279,14 +282,14 @@ def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None
             err = e
     if barrier:
         barrier()
-    if _all_ok(err is None):
+    if _all_ok(err is None, group):
         try:
             write_files(tmp)
         except (OSError, RuntimeError) as e:  # ENOSPC surfaces from torch.save as a RuntimeError
             err = e
         if barrier:
             barrier()
-        if _all_ok(err is None) and is_writer:
+        if _all_ok(err is None, group) and is_writer:
             try:
                 state = {**state, "checkpoint_format": MANIFEST_FORMAT}  # a lost manifest is then noticed
                 atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
@@ -294,7 +297,7 @@ def save_checkpoint(run_dir: Path, step: int, write_files: Callable[[Path], None
                 _fsync_dir(tmp)
             except OSError as e:
                 err = e
-    ok = _all_ok(err is None)
+    ok = _all_ok(err is None, group)
     if not ok:
         exc = _save_failure(root, step, err) if err is not None else None
         if is_writer:
@@ -345,6 +348,36 @@ class SaveRetry:
             return None
         self.failures = 0
         return path
+
+
+class AsyncSave:
+    """At most one checkpoint save in flight on a background thread. `start(fn)` runs `fn` (which
+    writes the manifest last, after every file); `wait()` joins it and raises what it raised."""
+
+    def __init__(self) -> None:
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, fn: Callable[[], Any]) -> None:
+        assert self.thread is None, "wait() for the save in flight first"
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="stars-checkpoint", daemon=False)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is None:
+            return
+        self.thread.join()
+        self.thread = None
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
 class RecordingFile(io.FileIO):

@@ -1,17 +1,15 @@
 """What a step with a non-finite loss or gradient does: skip it, roll back, or stop.
 
 The engine checks the global gradient norm (over every rank) before the optimizer step and
-skips the update when it is not finite (zero 0: our optimizer step; see
-`parallel.data_parallel.PlainDataParallel.step`), so a NaN or Inf never reaches the weights.
+skips the update when it is not finite, so a NaN or Inf never reaches the weights: zero 0 in our
+optimizer step (`parallel.data_parallel.PlainDataParallel.step`), ZeRO 1/2 in DeepSpeed's (it
+skips an update whose global norm is not finite: fp32 always, bf16 with `check_grad_overflow`).
 This module decides what the run does next, after `train.max_skips` consecutive skipped steps:
 
     train.nonfinite: skip       keep skipping; stop when max_skips is exceeded
     train.nonfinite: rollback   reload the newest verified checkpoint and scale the learning
                                 rate by train.rollback_lr_scale (at most MAX_ROLLBACKS times)
     train.nonfinite: stop       stop at the first non-finite step
-
-Under ZeRO (DeepSpeed steps inside its backward) an update cannot be skipped: a non-finite step
-stops the run, and nothing after it is checkpointed.
 """
 from __future__ import annotations
 
@@ -23,8 +21,8 @@ MAX_ROLLBACKS = 3
 
 
 class NonFiniteGuard:
-    def __init__(self, policy: str, max_skips: int, can_skip: bool):
-        self.policy, self.max_skips, self.can_skip = policy, max_skips, can_skip
+    def __init__(self, policy: str, max_skips: int):
+        self.policy, self.max_skips = policy, max_skips
         self.consecutive = self.skipped = self.rollbacks = 0  # non-finite steps in a row, in all; rollbacks
 
     def after_step(self, step: int, loss: float, grad_norm: float) -> str:
@@ -33,10 +31,9 @@ class NonFiniteGuard:
             self.consecutive = 0
             return "ok"
         what = f"step {step}: loss {loss}, gradient norm {grad_norm}"
-        if self.policy == "stop" or not self.can_skip:
-            why = "train.nonfinite: stop" if self.policy == "stop" else "ZeRO cannot skip an update"
-            raise UserError(f"{what}: not finite; stopped ({why}); the last checkpoint holds finite weights "
-                            "(lower optim.lr or stars.lam and resume)")
+        if self.policy == "stop":
+            raise UserError(f"{what}: not finite; stopped (train.nonfinite: stop); the last checkpoint holds "
+                            "finite weights (lower optim.lr or stars.lam and resume)")
         self.consecutive += 1
         self.skipped += 1
         if self.consecutive <= self.max_skips:

@@ -12,6 +12,7 @@ data position), `trainer_state.json` (step, schedule, layout) and `config.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -101,6 +102,7 @@ class Trainer:
         self.tracker: MlflowTracker | None = None
         self.system_metrics: NodeSystemMetrics | None = None
         self.preempt = PreemptionFlag()
+        self.pending = ckpt.AsyncSave()
         self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
     @property
@@ -119,7 +121,19 @@ class Trainer:
             self._init_from_converted(model, self.cfg.init.from_)
         return model
 
+    def run_identity(self) -> dict[str, str | None]:
+        """What makes a checkpoint "this run's" for an automatic restart: the torchrun job
+        (TORCHELASTIC_RUN_ID, kept across its restarts) and the hash of the run's config."""
+        d = self.cfg.to_dict()
+        d["train"].pop("progress", None)  # differs by rank, changes nothing
+        d.pop("tracking", None)
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"launch_id": os.environ.get("TORCHELASTIC_RUN_ID"), "config_hash": digest}
+
     def _resolve_resume(self, resume: str | bool | None) -> Path | None:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if not resume and restart > 0:
+            return self._restart_checkpoint(restart)
         if not resume:
             return None
         if resume == "auto":  # a requeued job: continue if a checkpoint exists, else start fresh
@@ -130,6 +144,21 @@ class Trainer:
                 raise UserError(f"--resume: no complete checkpoint in {self.out / 'checkpoints'} to resume from")
             return latest
         return ckpt.resolve_checkpoint(resume)
+
+    def _restart_checkpoint(self, restart: int) -> Path | None:
+        """torchrun restarted this job (a worker died): continue from the newest verified
+        checkpoint of the same run without --resume; a directory of another run is refused."""
+        latest = ckpt.latest_checkpoint(self.out)
+        if latest is None:
+            return None  # died before its first checkpoint: start afresh
+        saved = ckpt.load_state(latest).get("run")
+        if saved != self.run_identity():
+            raise UserError(f"{latest}: torchrun restart {restart} found a checkpoint of another run (saved as "
+                            f"{saved}, this run is {self.run_identity()}); pass --resume to continue it or "
+                            "choose another --out")
+        if self.engine.is_writer:
+            print(f"torchrun restart {restart}: resuming from {latest}", file=sys.stderr)
+        return latest
 
     def _prepare_out_dir(self) -> None:
         if self.resume_from is None and ckpt.list_checkpoints(self.out):
@@ -223,18 +252,49 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self) -> Path:
-        engine = self.engine
+        return self._staged_save(copy=False)()
+
+    def _staged_save(self, copy: bool):
+        """The save of the checkpoint of this step, as a function; `copy`: the state is copied now
+        and the function may run on another thread (train.async_save) while training goes on."""
+        engine, cfg, out, step = self.engine, self.cfg, self.out, self.step
+        shards = engine.shard_writer({"rng": torch.get_rng_state(), "data": self.source.state_dict()}, copy=copy)
 
         def write(tmp: Path) -> None:
-            engine.save_shards(tmp, {"rng": torch.get_rng_state(), "data": self.source.state_dict()})
+            shards(tmp)
             if engine.is_writer:
-                save_config(self.cfg, tmp / "config.yaml")
+                save_config(cfg, tmp / "config.yaml")
 
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                 "data": self.source.state_dict(), "mlflow_run_id": self.run_id, "layout": engine.layout(),
-                 "time": time.time()}
-        return ckpt.save_checkpoint(self.out, self.step, write, state, self.cfg.train.keep_last,
-                                    is_writer=engine.is_writer, barrier=engine.barrier)
+        state = json.loads(json.dumps({  # a copy: the schedule moves on
+            "step": step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+            "data": self.source.state_dict(), "mlflow_run_id": self.run_id, "layout": engine.layout(),
+            "run": self.run_identity(), "time": time.time()}))
+        barrier = engine.checkpoint_barrier if copy else engine.barrier
+        return lambda: ckpt.save_checkpoint(out, step, write, state, cfg.train.keep_last, is_writer=engine.is_writer,
+                                            barrier=barrier, group=engine.ckpt_group if copy else None)
+
+    def _save_periodic(self) -> Path | None:
+        """A periodic checkpoint: written now, or (train.async_save) on a background thread after
+        the previous one finished; a failure of that previous save is reported here."""
+        if not self.cfg.train.async_save:
+            return self.save()
+        failed = self._wait_for_save()
+        self.pending.start(self._staged_save(copy=True))
+        if failed is not None:
+            raise failed
+        return None
+
+    def _wait_for_save(self) -> ckpt.CheckpointSaveError | None:
+        try:
+            self.pending.wait()
+        except ckpt.CheckpointSaveError as e:
+            return e
+        return None
+
+    def _wait_for_save_or_raise(self) -> None:
+        failed = self._wait_for_save()
+        if failed is not None:
+            raise failed
 
     # ------------------------------------------------------------------ loop
 
@@ -351,7 +411,7 @@ class Trainer:
             steps_this_run = 0
             stopped_early = False
             save = ckpt.SaveRetry(cfg.train.max_failed_saves)
-            guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skips, self.engine.can_skip_steps)
+            guard = NonFiniteGuard(cfg.train.nonfinite, cfg.train.max_skips)
             while self.step < cfg.train.steps:
                 last = self.train_step()
                 steps_this_run += 1
@@ -373,13 +433,14 @@ class Trainer:
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
-                    save(self.save)
+                    save(self._save_periodic)
                 if self.preempt.raised or (self.stop_after_steps and steps_this_run >= self.stop_after_steps):
                     stopped_early = self.step < cfg.train.steps
                     break
             if bar is not None:
                 bar.close()
                 bar = None
+            save(self._wait_for_save_or_raise)
             save(self.save, final=True)
             if stopped_early:
                 status = "KILLED" if self.preempt.raised else "FINISHED"
@@ -390,6 +451,7 @@ class Trainer:
             status = "FINISHED"
             return {"step": self.step, "stopped_early": False, "depth_scaling": results, **last}
         finally:
+            self._wait_for_save()  # never exit with a save in flight
             if bar is not None:
                 bar.close()
             if self.system_metrics is not None:
@@ -401,6 +463,9 @@ class Trainer:
 
     def _rollback(self, last: dict[str, Any]) -> None:
         """Back to the newest verified checkpoint with the learning rate scaled (train/nonfinite.py)."""
+        failed = self._wait_for_save()  # the newest checkpoint may be the one in flight
+        if failed is not None and self.reports:
+            print(f"warning: {failed}", file=sys.stderr)
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             raise UserError(f"step {self.step}: non-finite steps and no checkpoint in {self.out / 'checkpoints'} "
