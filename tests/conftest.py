@@ -33,10 +33,6 @@ TERMINAL_JOB_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL
                        "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a slower end-to-end test (minutes); it still runs in CI")
-
-
 def _port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
