@@ -298,10 +298,10 @@ def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, m
 
     real = dcp.save
 
-    def flaky(state, path):
+    def flaky(state, path, group=None):
         if "step_00000002" in str(path):
             raise OSError(28, "No space left on device")
-        real(state, path)
+        real(state, path, group)
 
     monkeypatch.setattr(dcp, "save", flaky)
     out = tmp_path / "r"
@@ -319,10 +319,10 @@ def test_saves_failing_in_a_row_stop_with_one_line(tmp_path, cfg_file, monkeypat
 
     real = dcp.save
 
-    def full_after_first(state, path):
+    def full_after_first(state, path, group=None):
         if "step_00000001" not in str(path):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 320 vs 246")
-        real(state, path)
+        real(state, path, group)
 
     monkeypatch.setattr(dcp, "save", full_after_first)
     out = tmp_path / "r"
