@@ -12,7 +12,7 @@ import torch
 
 from stars_scale.parallel import dcp
 from stars_scale.parallel.dcp import read_checkpoint
-from stars_scale.parallel.testing import make_cfg, spawn
+from stars_scale.parallel.testing import fail_saves_of, make_cfg, spawn
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.trainer import Trainer
 
@@ -50,14 +50,7 @@ def test_async_save_lets_training_go_on_and_writes_the_same_checkpoints(tmp_path
 
 
 def test_a_failed_async_save_is_reported_at_the_next_interval_and_training_goes_on(tmp_path, monkeypatch, capsys):
-    real = dcp.save
-
-    def full_once(state, path, group=None):
-        if "step_00000002" in str(path):
-            raise OSError(28, "No space left on device")
-        real(state, path, group)
-
-    monkeypatch.setattr(dcp, "save", full_once)
+    fail_saves_of(monkeypatch, "step_00000002")
     Trainer(make_cfg({}, {**TRAIN, "async_save": True}), tmp_path / "r").run()
     err = capsys.readouterr().err
     assert "step_00000002: checkpoint not written (OSError: [Errno 28] No space left on device" in err

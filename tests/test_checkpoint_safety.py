@@ -294,16 +294,9 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(tmp_path, cfg_file,
 
 
 def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, monkeypatch, capsys):
-    from stars_scale.parallel import dcp
+    from stars_scale.parallel.testing import fail_saves_of
 
-    real = dcp.save
-
-    def flaky(state, path, group=None):
-        if "step_00000002" in str(path):
-            raise OSError(28, "No space left on device")
-        real(state, path, group)
-
-    monkeypatch.setattr(dcp, "save", flaky)
+    fail_saves_of(monkeypatch, "step_00000002")
     out = tmp_path / "r"
     assert train(cfg_file, out) == 0
     err = capsys.readouterr().err

@@ -100,3 +100,17 @@ def spawn(fn, world: int, *args, timeout: float | None = None) -> list:
             real = [e for e in errors if "no result" not in e]
             raise RuntimeError("\n".join(real or errors))
         return results
+
+
+def fail_saves_of(monkeypatch, checkpoint_name: str) -> None:
+    """Make `dcp.save` raise ENOSPC for one checkpoint (tests of failed saves)."""
+    from stars_scale.parallel import dcp
+
+    real = dcp.save
+
+    def save(state, path, group=None):
+        if checkpoint_name in str(path):
+            raise OSError(28, "No space left on device")
+        real(state, path, group)
+
+    monkeypatch.setattr(dcp, "save", save)
