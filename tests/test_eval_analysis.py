@@ -143,3 +143,45 @@ def test_compare_bad_input_is_one_clear_line(tmp_path, setup, args, needle):
     assert needle in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "cmp").exists()  # nothing half-written
+
+
+def test_estimator_convergence_bench_reads_the_frobenius_average_then_the_top_eigenvalue(trained, capsys):
+    """bench/estimator_convergence.py: its 1-iteration column is the average gain ‖J‖_F/√n (what
+    the paper's one-iteration penalty sees) and its many-iteration column the spectral radius,
+    both checked against the core map's full Jacobian at the same end state."""
+    import importlib.util
+
+    from stars_scale.config import load_config
+    from stars_scale.data.sources import build_eval_batch
+    from stars_scale.model.looped import LoopedLM
+    from stars_scale.parallel.dcp import read_model_state
+    from stars_scale.train import checkpoint as ckpt
+
+    tmp, _ = trained
+    spec = importlib.util.spec_from_file_location("conv", Path(__file__).resolve().parents[1] / "bench/estimator_convergence.py")
+    conv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv)
+    assert conv.main([str(tmp / "run"), "--depth", "3", "--samples", "2", "--iters", "1,60", "--draws", "8"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| vjp") or line.startswith("| jvp")]
+    assert len(rows) == 2
+    means = [[float(cell.split()[0]) for cell in row.strip("|").split("|")[1:]] for row in rows]
+
+    path = ckpt.resolve_checkpoint(tmp / "run")
+    cfg = load_config(path / "config.yaml")
+    model = LoopedLM(cfg.model)
+    model.load_state_dict(read_model_state(path, cfg.model))
+    model.eval()
+    ids = build_eval_batch(cfg, 2)[0]["input_ids"]
+    with torch.no_grad():
+        e = model.encode(ids)
+        s = model.init_state(e, torch.Generator().manual_seed(0))
+        for _ in range(3):
+            s = model.core_step(s, e)
+    jac = torch.autograd.functional.jacobian(lambda h: model.core_step(h, e), s, vectorize=True)
+    jac = jac.reshape(s.numel(), s.numel()).double()
+    frob_avg = float(jac.norm() / s.numel() ** 0.5)
+    radius = float(torch.linalg.eigvals(jac).abs().max())
+    for one, many in means:
+        assert one == pytest.approx(frob_avg, rel=0.15)  # mean of ‖Jᵀv‖ over 8 random unit v
+        assert many == pytest.approx(radius, rel=0.05)
+    assert conv.main([str(tmp / "run"), "--iters", "1,x"]) == 2
