@@ -1,6 +1,7 @@
 """LoopedLM: configurations, explicit depth, states, checkpointing across loops."""
 import itertools
 import json
+import os
 import subprocess
 import sys
 
@@ -129,15 +130,19 @@ from stars_scale.train.memory import step_peak_memory_mb
 print(json.dumps(step_peak_memory_mb(depth={depth}, checkpointing={checkpointing!r}, backprop={backprop!r},
                                      hidden=128, batch=16, seq=128)))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two measurements run at a time
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(out)["peak_mb"]
 
 
 def test_loop_checkpointing_keeps_peak_memory_flat_in_depth():
-    """Measured peak RSS growth of one training step (fresh process per measurement)."""
-    plain4, plain16 = peak(4, "none"), peak(16, "none")
-    ckpt4, ckpt16 = peak(4, "loop"), peak(16, "loop")
-    flat4, flat32 = peak(4, "loop", backprop=4), peak(32, "loop", backprop=4)
+    """Measured peak RSS growth of one training step (fresh process per measurement, so peaks are
+    per process and two can run side by side)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(4, "none"), (16, "none"), (4, "loop"), (16, "loop"), (4, "loop", 4), (32, "loop", 4)]
+    with ThreadPoolExecutor(2) as pool:
+        plain4, plain16, ckpt4, ckpt16, flat4, flat32 = pool.map(lambda c: peak(*c), cases)
     assert plain16 > 2.5 * plain4  # without checkpointing activations grow with depth
     # loop checkpointing keeps one state per iteration: growth a small fraction of the plain growth
     assert ckpt16 - ckpt4 < 0.2 * (plain16 - plain4)
