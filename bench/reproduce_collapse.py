@@ -1,4 +1,5 @@
-"""Train the three collapse configs over several seeds and show the depth collapse STARS prevents.
+"""Train the three collapse configs over several seeds: fixed-depth training's depth collapse, and
+what log-normal depth and STARS do about it.
 
     python bench/reproduce_collapse.py [--seeds 0,1,2] [--jobs 2] [--out runs/collapse] [--docs docs] [--set key=value ...]
 
