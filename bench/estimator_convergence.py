@@ -20,7 +20,7 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", help="a run directory or one of its checkpoints")
+    ap.add_argument("run", help="a run directory, one of its checkpoints or a converted model")
     ap.add_argument("--depth", type=int, default=4, help="loop iterations before the estimate")
     ap.add_argument("--iters", default="1,2,3,5,10,20,40")
     ap.add_argument("--samples", type=int, default=128)
@@ -33,13 +33,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from stars_scale.config import load_config
     from stars_scale.data.sources import build_eval_batch
     from stars_scale.errors import UserError
-    from stars_scale.model.looped import LoopedLM
-    from stars_scale.parallel.dcp import read_model_state
+    from stars_scale.generate.load import load_model
     from stars_scale.stars.jacobian import METHODS, spectral_penalty
-    from stars_scale.train import checkpoint as ckpt
 
     try:
         iters = [int(x) for x in args.iters.split(",")]
@@ -50,11 +47,7 @@ def _run(args) -> int:
         raise UserError(f"--methods: expected a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}")
     if min(iters) < 1 or args.depth < 1 or args.samples < 1 or args.draws < 1:
         raise UserError("--iters, --depth, --samples and --draws must be >= 1")
-    path = ckpt.resolve_checkpoint(args.run)
-    cfg = load_config(path / "config.yaml")
-    model = LoopedLM(cfg.model)
-    model.load_state_dict(read_model_state(path, cfg.model))
-    model.eval()
+    cfg, model, path = load_model(args.run)  # a run dir, a checkpoint or a converted model, eval mode
     batch, _ = build_eval_batch(cfg, args.samples)
     with torch.no_grad():
         e = model.encode(batch["input_ids"])

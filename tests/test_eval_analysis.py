@@ -151,11 +151,8 @@ def test_estimator_convergence_bench_reads_the_frobenius_average_then_the_top_ei
     both checked against the core map's full Jacobian at the same end state."""
     import importlib.util
 
-    from stars_scale.config import load_config
     from stars_scale.data.sources import build_eval_batch
-    from stars_scale.model.looped import LoopedLM
-    from stars_scale.parallel.dcp import read_model_state
-    from stars_scale.train import checkpoint as ckpt
+    from stars_scale.generate.load import load_model
 
     tmp, _ = trained
     spec = importlib.util.spec_from_file_location("conv", Path(__file__).resolve().parents[1] / "bench/estimator_convergence.py")
@@ -166,11 +163,7 @@ def test_estimator_convergence_bench_reads_the_frobenius_average_then_the_top_ei
     assert len(rows) == 2
     means = [[float(cell.split()[0]) for cell in row.strip("|").split("|")[1:]] for row in rows]
 
-    path = ckpt.resolve_checkpoint(tmp / "run")
-    cfg = load_config(path / "config.yaml")
-    model = LoopedLM(cfg.model)
-    model.load_state_dict(read_model_state(path, cfg.model))
-    model.eval()
+    cfg, model, _ = load_model(tmp / "run")
     ids = build_eval_batch(cfg, 2)[0]["input_ids"]
     with torch.no_grad():
         e = model.encode(ids)
