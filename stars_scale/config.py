@@ -153,6 +153,10 @@ class StarsConfig:
     lam: float = 0.0
     method: Literal["vjp", "jvp", "fd"] = "vjp"
     iters: int = 1
+    # vjp: which iterations carry the penalty's graph. all: every one, v never detached (the STARS
+    # reference); last: the first iters-1 only choose the direction, the penalty is ‖Jᵀv‖² at it
+    # (≈ ρ² with enough iters). jvp and fd always carry the last only.
+    vjp_graph: Literal["all", "last"] = "all"
     warmup_steps: int = 0  # the penalty enters the loss from this step on
     combine: Literal["convex", "additive"] = "convex"  # (1-lam)*CE + lam*P, or CE + lam*P
     sample_fraction: float = 1.0  # estimate on this fraction of the batch's sequences

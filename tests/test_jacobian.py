@@ -81,6 +81,49 @@ def test_vjp_penalty_is_the_reference_formula():
     assert torch.allclose(est.rho, vj.norm())
 
 
+def test_vjp_graph_last_differentiates_only_the_last_iteration():
+    """vjp_graph="last": penalty ||J^T u||^2 at the detached u = normalise((J^T)^(k-1) v0), so for
+    f(x) = A x its gradient in A is exactly 2 u u^T A; "all" differentiates the iteration too."""
+    g = torch.Generator().manual_seed(0)
+    A0 = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    h = torch.randn(6, generator=g, dtype=torch.float64)
+    v0 = torch.randn(6, generator=g, dtype=torch.float64)
+    u = v0 / v0.norm()
+    for _ in range(3):
+        u = A0.T @ u
+        u = u / u.norm()
+    grads = {}
+    for graph in ("all", "last"):
+        A = A0.clone().requires_grad_(True)
+        est = spectral_penalty(lambda x: A @ x, h, "vjp", 4, v0=v0, vjp_graph=graph)
+        assert torch.allclose(est.penalty, (A0.T @ u).pow(2).sum())  # same value either way
+        grads[graph], = torch.autograd.grad(est.penalty, A)
+    assert torch.allclose(grads["last"], 2 * torch.outer(u, u) @ A0)
+    assert not torch.allclose(grads["all"], grads["last"], rtol=1e-3)
+
+
+def test_vjp_graph_last_converged_penalty_is_rho_squared_with_its_gradient():
+    """Symmetric A, enough iterations: the penalty is the top eigenvalue squared and its gradient
+    is that of lambda_max^2, 2 lambda u u^T (the eigenvalue's derivative), not a random direction's."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    A0 = Q @ torch.diag(torch.tensor([-2.5, 1.8, 1.2, -0.9, 0.5, 0.3, -0.2, 0.1], dtype=torch.float64)) @ Q.T
+    lam, vecs = torch.linalg.eigh(A0)
+    i = lam.abs().argmax()
+    A = A0.clone().requires_grad_(True)
+    est = spectral_penalty(lambda x: A @ x, torch.zeros(8, dtype=torch.float64), "vjp", 300,
+                           generator=torch.Generator().manual_seed(2), vjp_graph="last")
+    assert abs(est.penalty.item() - lam[i].item() ** 2) < 1e-8
+    grad, = torch.autograd.grad(est.penalty, A)
+    top = vecs[:, i]
+    assert torch.allclose(grad, 2 * lam[i] * torch.outer(top, top), atol=1e-6)
+
+
+def test_vjp_graph_is_validated():
+    with pytest.raises(ValueError, match="vjp_graph"):
+        spectral_penalty(lambda x: 2 * x, torch.ones(3), "vjp", 1, vjp_graph="first")
+
+
 @pytest.mark.parametrize("method", ["vjp", "jvp", "fd"])
 def test_penalty_gradient_reaches_core_and_nothing_upstream(method):
     torch.manual_seed(0)

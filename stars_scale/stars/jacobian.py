@@ -15,7 +15,11 @@ Hutchinson-style Frobenius proxy, as in the STARS paper:
   a relative perturbation of about sqrt(eps) per element.
 
 For ``jvp``/``fd`` with a graph, only the last iteration carries it (earlier ones only choose
-the direction), which is the scalable first-order form. ``normalize="token"`` rescales every
+the direction), which is the scalable first-order form. ``vjp`` does the same with
+``vjp_graph="last"``: the penalty is then ‖Jᵀv‖² at the iterated, detached v, i.e. ≈ ρ² once v
+has converged, and its gradient is that of the top eigenvalue; with ``"all"`` (the reference) the
+gradient also runs through the iteration that chose v, which a model can learn to exploit
+(docs/arith_results.md, "Depth collapse"). ``normalize="token"`` rescales every
 token's vector of v to the same norm (‖v‖ = 1 still), so a few large tokens cannot dominate.
 
 Precision. Under a bf16/fp16 autocast a difference quotient loses most of its digits (ε must be
@@ -45,6 +49,7 @@ from stars_scale.model.attention import math_attention
 
 METHODS = ("vjp", "jvp", "fd")
 PRECISIONS = ("fp32", "autocast")
+VJP_GRAPHS = ("all", "last")
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -99,14 +104,16 @@ def probe_in_fp32(precision: str, device_type: str) -> bool:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision == "fp32" and low_precision_autocast(device_type)
 
-def _vjp(fn: Fn, h: torch.Tensor, v: torch.Tensor, iters: int, create_graph: bool, normalize: str):
+def _vjp(fn: Fn, h: torch.Tensor, v: torch.Tensor, iters: int, create_graph: bool, normalize: str,
+         graph: str = "all"):
     x = h.detach().requires_grad_(True)
     with math_attention(), K.reference_ops():
         y = fn(x)
         vj = v
         for i in range(iters):
             last = i == iters - 1
-            vj = torch.autograd.grad(y, x, grad_outputs=v, create_graph=create_graph,
+            carry = create_graph and (last or graph == "all")  # "last": earlier VJPs only choose v
+            vj = torch.autograd.grad(y, x, grad_outputs=v, create_graph=carry,
                                      retain_graph=create_graph or not last)[0]
             v = normalize_direction(vj, normalize)
     return vj, v
@@ -240,11 +247,14 @@ def spectral_penalty(fn: Fn, h: torch.Tensor, method: str = "vjp", iters: int = 
                      normalize: str = "tensor", eps: float | None = None, create_graph: bool = True,
                      generator: torch.Generator | None = None,
                      v0: torch.Tensor | None = None, precision: str = "fp32",
-                     kernels: str = "auto") -> SpectralEstimate:
+                     kernels: str = "auto", vjp_graph: str = "all") -> SpectralEstimate:
     """Power iteration on ∂fn/∂h at h; `penalty` = ‖A v‖² (with a graph when create_graph).
-    `precision`: fp32 | autocast (see the module docstring); `kernels`: model.kernels' modes."""
+    `precision`: fp32 | autocast (see the module docstring); `kernels`: model.kernels' modes;
+    `vjp_graph`: all | last (see the module docstring; jvp and fd always carry the last only)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if vjp_graph not in VJP_GRAPHS:
+        raise ValueError(f"vjp_graph must be one of {VJP_GRAPHS}, got {vjp_graph!r}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     fp32 = probe_in_fp32(precision, h.device.type)
@@ -256,7 +266,7 @@ def spectral_penalty(fn: Fn, h: torch.Tensor, method: str = "vjp", iters: int = 
         if method == "fd":
             return _fd(fn, h, v, iters, create_graph, normalize, eps, precision, kernels)
         if method == "vjp":
-            av, v = _vjp(fn, h, v, iters, create_graph, normalize)
+            av, v = _vjp(fn, h, v, iters, create_graph, normalize, vjp_graph)
         else:
             av, v = (_jvp_graph if create_graph else _jvp_no_graph)(fn, h, v, iters, normalize)
         return estimate_from(av, v, create_graph)

@@ -78,7 +78,8 @@ def core_map_penalty(model, state: torch.Tensor, embedded: torch.Tensor, cfg: St
                                         else contextlib.nullcontext()):
         return spectral_penalty(core_map(model, e, probe.seed), h, cfg.method, iters or cfg.iters,
                                 normalize=cfg.normalize, eps=cfg.fd_eps, create_graph=create_graph,
-                                generator=generator, precision=cfg.probe_precision, kernels=model.cfg.kernels)
+                                generator=generator, precision=cfg.probe_precision, kernels=model.cfg.kernels,
+                                vjp_graph=cfg.vjp_graph)
 
 
 def fd_penalty(h: torch.Tensor, cfg: StarsConfig, *, create_graph: bool,
