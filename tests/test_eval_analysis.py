@@ -149,15 +149,11 @@ def test_estimator_convergence_bench_reads_the_frobenius_average_then_the_top_ei
     """bench/estimator_convergence.py: its 1-iteration column is the average gain ‖J‖_F/√n (what
     the paper's one-iteration penalty sees) and its many-iteration column the spectral radius,
     both checked against the core map's full Jacobian at the same end state."""
-    import importlib.util
-
     from stars_scale.data.sources import build_eval_batch
     from stars_scale.generate.load import load_model
 
     tmp, _ = trained
-    spec = importlib.util.spec_from_file_location("conv", Path(__file__).resolve().parents[1] / "bench/estimator_convergence.py")
-    conv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conv)
+    conv = _bench("estimator_convergence")
     assert conv.main([str(tmp / "run"), "--depth", "3", "--samples", "2", "--iters", "1,60", "--draws", "8"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| vjp") or line.startswith("| jvp")]
     assert len(rows) == 2
@@ -178,3 +174,51 @@ def test_estimator_convergence_bench_reads_the_frobenius_average_then_the_top_ei
         assert one == pytest.approx(frob_avg, rel=0.15)  # mean of ‖Jᵀv‖ over 8 random unit v
         assert many == pytest.approx(radius, rel=0.05)
     assert conv.main([str(tmp / "run"), "--iters", "1,x"]) == 2
+
+
+def _bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / f"bench/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_state_spread_is_zero_for_a_loop_that_forgets_its_input_and_kept_by_one_that_does_not():
+    spread = _bench("state_spread").spread_by_depth
+    s = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
+    e = torch.zeros(5, 3, 4)
+    rel = float((s - s.mean(0)).norm() / s.norm())
+
+    class Loop:  # a stand-in model: only core_step is used
+        def __init__(self, fn):
+            self.core_step = fn
+
+    assert spread(Loop(lambda h, e: torch.ones_like(h)), e, s, [1, 4]) == {1: 0.0, 4: 0.0}
+    kept = spread(Loop(lambda h, e: 0.5 * h), e, s, [1, 8])
+    assert kept == {1: pytest.approx(rel), 8: pytest.approx(rel)}  # a contraction towards 0 keeps the spread
+    merged = spread(Loop(lambda h, e: 0.5 * h + 0.5 * s[:1]), e, s, [1, 30])  # to one input's state
+    assert merged[1] > 1e-2 and merged[30] < 1e-6
+
+
+def test_state_spread_bench_on_a_trained_run(trained, capsys):
+    """bench/state_spread.py on a run dir: the printed spread is that of the model's own loop."""
+    from stars_scale.data.sources import build_eval_batch
+    from stars_scale.generate.load import load_model
+
+    tmp, _ = trained
+    mod = _bench("state_spread")
+    assert mod.main([str(tmp / "run"), "--depths", "1,3", "--samples", "6"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp / 'run'}")]
+    printed = [float(c) for c in row[0].strip("|").split("|")[1:]]
+    cfg, model, _ = load_model(tmp / "run")
+    with torch.no_grad():
+        e = model.encode(build_eval_batch(cfg, 6)[0]["input_ids"])
+        s = model.init_state(e, torch.Generator().manual_seed(0))
+        for _ in range(3):
+            s = model.core_step(s, e)
+    assert printed[1] == pytest.approx(float((s - s.mean(0)).norm() / s.norm()), rel=1e-2)
+    assert printed[0] > 0
+    assert mod.main([str(tmp / "run"), "--depths", "1,x"]) == 2
+    assert mod.main([str(tmp / "run"), "--samples", "1"]) == 2
