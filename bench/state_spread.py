@@ -18,14 +18,13 @@ import sys
 import torch
 
 
-def spread_by_depth(model, e: torch.Tensor, s: torch.Tensor, depths: list[int]) -> dict[int, float]:
-    """spread(r) of the states reached from `s` after each r in `depths` loop iterations."""
+def spread_by_depth(traj: torch.Tensor, depths: list[int]) -> dict[int, float]:
+    """spread(r) for each r in `depths`, from trajectories (problems, iterations, state), as
+    `stars_scale.eval.trajectories.state_trajectories` records them (index r = after r iterations)."""
     out: dict[int, float] = {}
-    with torch.no_grad():
-        for r in range(1, max(depths) + 1):
-            s = model.core_step(s, e)
-            if r in depths:
-                out[r] = float((s - s.mean(0, keepdim=True)).norm() / s.norm().clamp_min(1e-30))
+    for r in depths:
+        s = traj[:, r]
+        out[r] = float((s - s.mean(0, keepdim=True)).norm() / s.norm().clamp_min(1e-30))
     return out
 
 
@@ -43,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from stars_scale.data.sources import build_eval_batch
     from stars_scale.errors import UserError
+    from stars_scale.eval.trajectories import state_trajectories
     from stars_scale.generate.load import load_model
 
     try:
@@ -55,12 +55,10 @@ def _run(args) -> int:
     print("| run | " + " | ".join(f"r={r}" for r in depths) + " |")
     print("|---|" + "---|" * len(depths))
     for run in args.runs:
-        cfg, model, path = load_model(run)  # eval mode
+        cfg, model, _ = load_model(run)  # eval mode
         batch, _ = build_eval_batch(cfg, args.samples)
-        with torch.no_grad():
-            e = model.encode(batch["input_ids"])
-            s = model.init_state(e, torch.Generator().manual_seed(0))
-        spread = spread_by_depth(model, e, s, depths)
+        traj, _ = state_trajectories(model, batch["input_ids"], None, depths[-1])
+        spread = spread_by_depth(traj, depths)
         print(f"| {run} | " + " | ".join(f"{spread[r]:.2e}" for r in depths) + " |", flush=True)
     return 0
 

@@ -186,19 +186,20 @@ def _bench(name: str):
 
 
 def test_state_spread_is_zero_for_a_loop_that_forgets_its_input_and_kept_by_one_that_does_not():
-    spread = _bench("state_spread").spread_by_depth
+    spread_by_depth = _bench("state_spread").spread_by_depth
     s = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0))
-    e = torch.zeros(5, 3, 4)
     rel = float((s - s.mean(0)).norm() / s.norm())
 
-    class Loop:  # a stand-in model: only core_step is used
-        def __init__(self, fn):
-            self.core_step = fn
+    def spread(step, depths):  # trajectories s_0..s_R of a stand-in loop, as state_trajectories records them
+        states = [s]
+        for _ in range(max(depths)):
+            states.append(step(states[-1]))
+        return spread_by_depth(torch.stack([x.flatten(1) for x in states], 1), depths)
 
-    assert spread(Loop(lambda h, e: torch.ones_like(h)), e, s, [1, 4]) == {1: 0.0, 4: 0.0}
-    kept = spread(Loop(lambda h, e: 0.5 * h), e, s, [1, 8])
+    assert spread(lambda h: torch.ones_like(h), [1, 4]) == {1: 0.0, 4: 0.0}
+    kept = spread(lambda h: 0.5 * h, [1, 8])
     assert kept == {1: pytest.approx(rel), 8: pytest.approx(rel)}  # a contraction towards 0 keeps the spread
-    merged = spread(Loop(lambda h, e: 0.5 * h + 0.5 * s[:1]), e, s, [1, 30])  # to one input's state
+    merged = spread(lambda h: 0.5 * h + 0.5 * s[:1], [1, 30])  # to one input's state
     assert merged[1] > 1e-2 and merged[30] < 1e-6
 
 
