@@ -56,28 +56,79 @@ def test_fixed_depth_generation_equals_forward_token_by_token(layout, cache):
     assert len(set(res.tokens[:, 5:].flatten().tolist())) > 1  # not a degenerate constant output
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_cached_logits_match_uncached(layout):
-    """Prefill + one-token steps through the cache give forward()'s logits at every position."""
+def cached_minus_uncached(model, B=2, P=12, prefill=4, depth=4) -> float:
+    """Largest |logit difference| between prefill + one-token cached steps and forward()."""
     from stars_scale.generate.cache import LoopKVCache
     from stars_scale.generate.exit_rules import Fixed
     from stars_scale.generate.generator import run_loop
 
-    model = tiny_model(layout)
-    seq = prompts(B=2, P=12)
-    depth = 4
+    seq = prompts(B=B, P=P)
     with torch.no_grad():
         want = model(seq, n_free=depth, n_grad=0).logits
-        cache = LoopKVCache(model, 2, 12, max_depth=depth)
+        cache = LoopKVCache(model, B, P, max_depth=depth)
         got = []
-        logits, _, loops = run_loop(model, seq[:, :4], 0, cache, Fixed(depth), depth)
-        cache.commit(4, loops)
+        logits, _, loops = run_loop(model, seq[:, :prefill], 0, cache, Fixed(depth), depth)
+        cache.commit(prefill, loops)
         got.append(logits)
-        for t in range(4, 12):
+        for t in range(prefill, P):
             logits, _, loops = run_loop(model, seq[:, t:t + 1], cache.pos, cache, Fixed(depth), depth)
             cache.commit(1, loops)
             got.append(logits)
-    torch.testing.assert_close(torch.stack(got, 1), want[:, 3:], rtol=1e-4, atol=1e-5)
+    return (torch.stack(got, 1) - want[:, prefill - 1:]).abs().max().item()
+
+
+def exactness_tolerance(model, depth=4) -> float:
+    """How far two correct evaluation orders of the same logits may drift apart in float64.
+
+    The cached path (attention over cached keys, one query at a time) and forward() (one causal
+    attention over the whole sequence) reduce the same terms in different orders, so each layer's
+    output differs by rounding: at most ~n·eps relative for a reduction of length n (Higham's γ_n).
+    Over the L = prelude + depth·core + coda blocks on the path to a logit, with reductions at most
+    n = max(hidden, mlp_hidden) long, that is L·n·eps·max|logit| before the blocks amplify it; we
+    allow the blocks a gain of 100. Measured on these models: the difference is 5-110·eps·max|logit|
+    in float32 and in float64 alike (huginn: 2.4e-5 and 7.0e-14), 600× inside the bound; a machine
+    that rounds differently moves it by a small factor, not by 600. In float32 the bound would be
+    ~2e-2, where a cache bug could hide, so the check runs in float64 (eps 2.2e-16): ~4e-11 here,
+    while the cache bugs below move logits by 0.1 to 4.
+    """
+    cfg = model.cfg
+    L = cfg.n_prelude + depth * cfg.n_core + cfg.n_coda
+    n = max(cfg.hidden, cfg.mlp_hidden)
+    scale = max(1.0, model(prompts(B=2, P=12), n_free=depth, n_grad=0).logits.abs().max().item())
+    return 100 * L * n * torch.finfo(torch.float64).eps * scale
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cached_logits_match_uncached(layout):
+    """Prefill + one-token steps through the cache give forward()'s logits at every position
+    (float64, so that only a cache bug, not rounding order, can exceed the tolerance)."""
+    model = tiny_model(layout).double()
+    with torch.no_grad():
+        tol = exactness_tolerance(model)
+    assert cached_minus_uncached(model) <= tol
+
+
+@pytest.mark.parametrize("bug", ["slot_off_by_one", "missing_rope_offset"])
+@pytest.mark.parametrize("layout", ["arith", "huginn"])
+def test_cached_logits_check_catches_a_wrong_cache(layout, bug, monkeypatch):
+    """The exactness check above is not vacuous: two deliberately wrong caches exceed its
+    tolerance by orders of magnitude (iteration i using slot i - 1, so the first two iterations
+    share one and a new token's iteration 0 reads earlier tokens' iteration-1 keys; new tokens
+    rotated as if they stood at position 0). arith has learned positions, so its RoPE bug is
+    the embedding offset instead."""
+    from stars_scale.generate.cache import LayerKV, LoopKVCache
+
+    model = tiny_model(layout).double()
+    if bug == "slot_off_by_one":
+        monkeypatch.setattr(LoopKVCache, "slot", lambda self, i: max(i - 1, 0))
+    elif layout == "huginn":
+        monkeypatch.setattr(LayerKV, "offset", property(lambda self: 0))
+    else:
+        embed = model.embed_tokens
+        monkeypatch.setattr(model, "embed_tokens", lambda ids, offset=0: embed(ids, 0))
+    with torch.no_grad():
+        tol = exactness_tolerance(model)
+    assert cached_minus_uncached(model) > 1e4 * tol
 
 
 def test_shared_cache_slots_hold_the_latest_iteration_of_their_residue():
