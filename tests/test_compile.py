@@ -16,7 +16,7 @@ from stars_scale.model.dropout import DropoutMasks, keep_mask
 from stars_scale.parallel.compile import apply_compile
 from stars_scale.stars.depth import Depth
 from stars_scale.stars.regularizer import core_map
-from stars_scale.train.step import forward_backward
+from stars_scale.stars.objective import forward_backward
 
 BASE = {
     "seed": 0,

@@ -28,7 +28,7 @@ from stars_scale.model.layers import RMSNorm, apply_rope, rope_cache
 from stars_scale.model.looped import LoopedLM
 from stars_scale.stars import jacobian
 from stars_scale.stars.depth import Depth
-from stars_scale.train.step import forward_backward
+from stars_scale.stars.objective import forward_backward
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the group
                                  part (pipeline.split_stage); then the device
     engine.build_optimizer()     zero 0: AdamW + our DP all-reduce and global clipping;
                                  zero 1/2: DeepSpeed (data_parallel.py)
-    engine.forward_backward()    pp > 1: the loop pipeline; else `step.forward_backward` per microbatch
+    engine.forward_backward()    pp > 1: the loop pipeline; else `objective.forward_backward` per
+                                 microbatch (both: the one microbatch objective, stars/objective.py)
     engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
     engine.reduce_metrics()      the step's metrics, averaged over dp, the same on every rank
     engine.shard_writer/load_shards  this rank's pieces of the logical checkpoint (DCP, parallel/dcp.py):
@@ -42,8 +43,8 @@ from stars_scale.parallel.pipeline import HeldBytes, LoopPipeline, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
 from stars_scale.stars.depth import Depth
+from stars_scale.stars.objective import MicroResult, forward_backward
 from stars_scale.train import checkpoint as ckpt
-from stars_scale.train.step import MicroResult, forward_backward
 from stars_scale.utils import atomic_write_text
 
 RANKS_DIR = "ranks"
@@ -165,9 +166,13 @@ class Engine:
         if int(t[0]) != total or int(-t[1]) != total:
             raise RuntimeError(f"step {step}: ranks drew different depths ({int(-t[1])}..{int(t[0])})")
 
+    def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The token CE of this layout: vocab-parallel over the tp group, the model's kernels."""
+        return vocab_parallel_ce(logits, labels, self.ps.tp, self.model.cfg.kernels, self.ps.tp_group)
+
     def forward_backward(self, batches: list[dict], micro_ids: list[int], depth: Depth, step: int) -> list[MicroResult]:
         cfg = self.cfg
-        common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype)
+        common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype, ce_fn=self.ce)
         if self.pipeline is not None:
             self.pipeline.measure = self.measure
             # zero 0: the passes' gradients go straight into .grad; DeepSpeed: one backward per step
@@ -175,14 +180,11 @@ class Engine:
                                                  backward=self.opt.backward if self.zero else None, **common)
             self.peak_saved_bytes = self.pipeline.stats.peak_saved_bytes
             return out
-        tp = self.ps.tp
         out = []
         meter = HeldBytes(self.model) if self.measure else None
         for mb, mi in zip(batches, micro_ids):  # one microbatch in flight: its backward frees it
             with meter.recording(mi) if meter is not None else contextlib.nullcontext():
                 out.append(forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
-                                            ce_fn=lambda logits, labels: vocab_parallel_ce(
-                                                logits, labels, tp, self.model.cfg.kernels, self.ps.tp_group),
                                             **common))
             if meter is not None:
                 meter.update_peak()

@@ -45,13 +45,11 @@ import torch.nn.functional as F
 from stars_scale.config import StarsConfig
 from stars_scale.parallel.p2p import Channels
 from stars_scale.parallel.schedule import Task, build, linked, max_in_flight, simulated_ticks
-from stars_scale.parallel.tensor import vocab_parallel_ce
 from stars_scale.stars.depth import Depth
-from stars_scale.stars.jacobian import FiniteDifference, SpectralEstimate, fd_evaluation
-from stars_scale.stars.regularizer import (Probe, combine_loss, core_map, draw_probe, fd_penalty,
-                                           without_checkpointing)
-from stars_scale.train.step import (MicroResult, autocast_context, estimator_generator, init_state_generator,
-                                    penalty_active, rho_wanted)
+from stars_scale.stars.jacobian import FiniteDifference, SpectralEstimate
+from stars_scale.stars.objective import (CE, MicroResult, Objective, autocast_context, estimator_generator,
+                                         init_state_generator, penalty_active, rho_wanted)
+from stars_scale.stars.regularizer import Probe, core_map, draw_probe, without_checkpointing
 
 
 def stage_bounds(n_core: int, pp: int, pp_rank: int) -> tuple[int, int]:
@@ -236,12 +234,15 @@ class LoopPipeline:
 
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
-                         backward) -> list[MicroResult]:
+                         backward, ce_fn: CE | None = None) -> list[MicroResult]:
         """The step's microbatches through the ring. `backward(root)`: the optimizer's backward,
         called once with a root whose gradient is the step's (DeepSpeed counts its calls); None:
         the gradients are added to the parameters' `.grad` as the passes' backwards make them
-        (no second copy of the gradients)."""
+        (no second copy of the gradients). `ce_fn(logits, labels)`: the last stage's CE (the
+        engine's vocab-parallel one under tensor parallelism); the rest of the microbatch's
+        objective is `stars.objective.Objective`'s, as on one process."""
         ps, P = self.ps, self.ps.pp
+        objective = Objective(stars, step, self.model.cfg.kernels, ce_fn)
         plan = pass_plan(depth, stars, step)
         grads, iters = tuple(p.grad for p in plan), tuple(p.kind == "iter" for p in plan)
         order = build(P, len(batches), grads, iters, self.schedule)
@@ -253,7 +254,7 @@ class LoopPipeline:
         net = self._channels(order, plan, mbs)
         meter = HeldBytes(self.model) if self.measure else None
         acc: dict[nn.Parameter, torch.Tensor] | None = {} if backward is not None else None
-        run = _Step(self, plan, mbs, net, meter, acc, stars, step, seed, loss_scale, dtype)
+        run = _Step(self, plan, mbs, net, meter, acc, objective, seed, loss_scale, dtype)
         run.open()
         for task in mine:
             (run.forward if task.op == "F" else run.backward)(task)
@@ -267,10 +268,7 @@ class LoopPipeline:
         self.stats = stats
         if not self.last:
             return []
-        return [MicroResult(loss=float(mb.loss.detach()), ce=float(mb.ce.detach()),
-                            penalty=None if mb.est is None else float(mb.est.penalty.detach()),
-                            rho=None if mb.est is None else float(mb.est.rho),
-                            tokens=mb.batch["input_ids"].numel()) for mb in mbs]
+        return [objective.result(mb.loss, mb.ce, mb.est, mb.batch["input_ids"].numel()) for mb in mbs]
 
     def _micro(self, index: int, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool,
                backwards: int) -> _Micro:
@@ -308,11 +306,10 @@ class _Step:
     """One step's tasks on this stage (the state `LoopPipeline.forward_backward` threads through)."""
 
     def __init__(self, pipe: LoopPipeline, plan, mbs, net: Channels, meter: HeldBytes | None, acc: dict,
-                 stars: StarsConfig, step: int, seed: int, loss_scale: float, dtype: str):
+                 objective: Objective, seed: int, loss_scale: float, dtype: str):
         self.pipe, self.model, self.ps = pipe, pipe.model, pipe.ps
         self.plan, self.mbs, self.net, self.meter, self.acc = plan, mbs, net, meter, acc
-        self.stars, self.step, self.seed, self.loss_scale, self.dtype = stars, step, seed, loss_scale, dtype
-        self.on = penalty_active(stars, step)
+        self.objective, self.step, self.seed, self.loss_scale, self.dtype = objective, objective.step, seed, loss_scale, dtype
         self.weight: torch.Tensor | None = None  # last stage, tied head: the embedding weight, a leaf
 
     def _record(self, owner):
@@ -382,7 +379,7 @@ class _Step:
         if p.kind == "iter":
             with torch.set_grad_enabled(p.grad):
                 return self.model.loop_step(x, e)
-        with fd_evaluation(p.grad), without_checkpointing(self.model):
+        with self.objective.evaluation(p.grad), without_checkpointing(self.model):
             return core_map(self.model, e, mb.probe.seed)(x)
 
     def _input(self, mb: _Micro, k: int):
@@ -419,11 +416,10 @@ class _Step:
             if p.kind == "iter":
                 with torch.set_grad_enabled(True):
                     logits = self.model.decode(out)
-                    mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp,
-                                              self.model.cfg.kernels, self.ps.tp_group)
+                    mb.ce = self.objective.ce(logits, mb.batch["labels"].to(self.ps.device))
                 if mb.probe is None:
                     return None
-                mb.fd = fd_penalty(mb.probe.select(out.detach()), self.stars, create_graph=self.on, generator=mb.gen)
+                mb.fd = self.objective.fd_iteration(mb.probe.select(out.detach()), mb.gen)
             else:
                 mb.fd.take(out)
             return mb.fd.point()
@@ -432,7 +428,7 @@ class _Step:
         """Last stage, after the microbatch's last pass: the loss and its gradients for the passes'
         outputs (and the tied weight, summed over the step)."""
         mb.est = mb.fd.result() if mb.fd is not None else None
-        mb.loss = combine_loss(mb.ce, mb.est.penalty if (mb.est is not None and self.on) else None, self.stars)
+        mb.loss = self.objective.loss(mb.ce, mb.est)
         ks = sorted(mb.leaves)
         leaves = [mb.leaves[k] for k in ks] + ([self.weight] if self.weight is not None else [])
         got = self._grad([mb.loss * self.loss_scale], None, leaves)

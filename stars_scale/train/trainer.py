@@ -37,7 +37,6 @@ from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics
 from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.nonfinite import NonFiniteGuard
-from stars_scale.train.step import split_microbatches
 from stars_scale.utils import flatten_dict
 
 
@@ -48,6 +47,14 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except Exception:
         return None
+
+
+def split_microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """`n` equal microbatches of consecutive rows (the batch's rows must divide by n)."""
+    rows = batch["input_ids"].shape[0]
+    if rows % n:
+        raise ValueError(f"a batch of {rows} rows does not split into {n} microbatches")
+    return [{k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()} for i in range(n)]
 
 
 class PreemptionFlag:
