@@ -127,7 +127,7 @@ def _tp_compiled_vs_eager(rank: int, world: int, out: str):
     import functools
 
     import stars_scale.train.trainer as trainer_mod
-    from stars_scale.parallel.testing import STEPS, make_cfg
+    from multirank import STEPS, make_cfg
     from stars_scale.train.trainer import Trainer
 
     trainer_mod.apply_compile = functools.partial(apply_compile, backend="aot_eager")
@@ -141,7 +141,7 @@ def _tp_compiled_vs_eager(rank: int, world: int, out: str):
 def test_tensor_parallel_compiled_blocks_match_eager(tmp_path):
     """megatron's column/row-parallel layers inside compiled blocks (tp 2, fd penalty, truncated
     BPTT): the same losses as the eager tp 2 run."""
-    from stars_scale.parallel.testing import spawn
+    from multirank import spawn
 
     for rows, graphs in spawn(_tp_compiled_vs_eager, 2, str(tmp_path)):
         assert graphs > 0  # the blocks were compiled

@@ -115,7 +115,7 @@ def _vocab_parallel_ce(rank: int, world: int, logits: torch.Tensor, labels: torc
 
 
 def test_vocab_parallel_cross_entropy_matches_the_whole_vocabulary():
-    from stars_scale.parallel.testing import spawn
+    from multirank import spawn
 
     logits = rnd(6, 16, dtype=torch.float32, grad=False)
     labels = torch.tensor([0, 15, 7, 8, -100, 3])

@@ -23,7 +23,7 @@ import tempfile
 import pytest
 import torch
 
-from stars_scale.parallel.testing import make_cfg, spawn
+from multirank import make_cfg, spawn
 
 STEPS = 3
 BF16 = {"train": {"dtype": "bf16", "steps": STEPS}}

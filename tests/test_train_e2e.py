@@ -152,7 +152,7 @@ def test_trained_run_exports_to_hf_and_imports_back_bit_exact(tmp_path, tiny_con
     import torch
 
     from stars_scale.convert import load_converted
-    from stars_scale.parallel.dcp import read_checkpoint
+    from stars_scale.checkpoint.dcp import read_checkpoint
 
     run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
          "--set", "train.steps=4"], tmp_path)

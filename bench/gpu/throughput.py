@@ -26,7 +26,7 @@ from stars_scale.config import load_config
 from stars_scale.model.looped import LoopedLM
 from stars_scale.plan import depth_stats, flops_per_token, param_counts
 from stars_scale.stars.depth import Depth
-from stars_scale.train.optim import build_optimizer
+from stars_scale.parallel.optim import build_optimizer
 from stars_scale.stars.objective import forward_backward
 
 

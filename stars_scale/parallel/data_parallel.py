@@ -8,7 +8,7 @@ Both expose the same calls to `engine.Engine`:
                             the true global norm, update, advance the learning-rate schedule
     engine.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
     engine.logical_state(specs, loading)      the optimizer state (and, under ZeRO, the fp32
-                            master weights) as pieces of logical tensors (parallel/dcp.py)
+                            master weights) as pieces of logical tensors (checkpoint/dcp.py)
     engine.after_load()     what a DCP load leaves to do (ZeRO: master weights from the model)
 
 The global gradient norm counts every parameter once: tensor-parallel shards (megatron's
@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig
-from stars_scale.parallel.dcp import Logical, ShardSpec
-from stars_scale.train.optim import build_optimizer, build_scheduler
+from stars_scale.checkpoint.dcp import Logical, ShardSpec
+from stars_scale.parallel.optim import build_optimizer, build_scheduler
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -216,9 +216,6 @@ class ZeroDataParallel:
     def lr(self) -> float:
         return self.base.param_groups[0]["lr"]
 
-    def save(self, directory, tag: str) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"scheduler": self.scheduler.state_dict()})
-
     def load(self, directory, tag: str) -> None:
         _, client = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
@@ -273,3 +270,13 @@ def build_data_parallel(model: torch.nn.Module, cfg: RunConfig, ps, backwards_pe
     """The optimizer step of this layout: zero 0 (one process too) or DeepSpeed ZeRO 1 / 2."""
     cls = PlainDataParallel if zero == 0 else ZeroDataParallel
     return cls(model, cfg, ps, backwards_per_step)
+
+
+def deepspeed_pickled_globals() -> list:
+    """The classes DeepSpeed's ZeRO checkpoint files reference: all its weights_only=False load may
+    build (checked by the restricted unpickler first, see checkpoint.check_tensor_files)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]

@@ -13,7 +13,7 @@ torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the group
                                  microbatch (both: the one microbatch objective, stars/objective.py)
     engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
     engine.reduce_metrics()      the step's metrics, averaged over dp, the same on every rank
-    engine.shard_writer/load_shards  this rank's pieces of the logical checkpoint (DCP, parallel/dcp.py):
+    engine.shard_writer/load_shards  this rank's pieces of the logical checkpoint (DCP, checkpoint/dcp.py):
                                  saved on one layout, loaded on any other (resharding)
     engine.full_state_dict()     the single-device state dict (collective; evaluation only)
 
@@ -24,9 +24,7 @@ with M microbatches therefore equals one process with dp·M microbatches.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -35,19 +33,16 @@ import torch.distributed as dist
 
 from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
+from stars_scale import checkpoint as ckpt
+from stars_scale.checkpoint import dcp
 from stars_scale.model.fused import refuse_unfused_resume
-from stars_scale.parallel import dcp
 from stars_scale.parallel.consolidate import full_state_dict
-from stars_scale.parallel.data_parallel import build_data_parallel, load_schedule
+from stars_scale.parallel.data_parallel import build_data_parallel, deepspeed_pickled_globals, load_schedule
 from stars_scale.parallel.pipeline import HeldBytes, LoopPipeline, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
 from stars_scale.stars.depth import Depth
 from stars_scale.stars.objective import MicroResult, forward_backward
-from stars_scale.train import checkpoint as ckpt
-from stars_scale.utils import atomic_write_text
-
-RANKS_DIR = "ranks"
 
 
 class Engine:
@@ -252,15 +247,12 @@ class Engine:
         if copy:
             state = {k: v.copy() for k, v in state.items()}
         ps = self.ps
-        mine = {"rank": ps.rank, "dp_rank": ps.dp_rank, "layout": self.layout(),
-                "rng": base64.b64encode(extra["rng"].numpy().tobytes()).decode(), "data": extra["data"]}
-        text = json.dumps(mine) + "\n"
+        text = ckpt.rank_state_text(ps.rank, ps.dp_rank, self.layout(), extra["rng"], extra["data"])
         group = self.ckpt_group if copy else None
 
         def write(tmp: Path) -> None:
             dcp.save(state, tmp / dcp.DCP_DIR, group)
-            (tmp / RANKS_DIR).mkdir(exist_ok=True)
-            atomic_write_text(tmp / RANKS_DIR / f"rank_{ps.rank:05d}.json", text)
+            ckpt.write_rank_state(tmp, ps.rank, text)
 
         return write
 
@@ -281,26 +273,7 @@ class Engine:
         if scheduler_state is None:
             raise UserError(f"{path / ckpt.STATE_FILE}: no 'scheduler' state")
         load_schedule(self.opt.scheduler, scheduler_state)
-        return self._extras(path)
-
-    def _extras(self, path: Path) -> dict:
-        saved = {}
-        for f in sorted((path / RANKS_DIR).glob("rank_*.json")):
-            try:
-                d = json.loads(f.read_text())
-                saved[int(d["rank"])] = d
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{f}: unreadable rank state ({type(e).__name__}: {e})") from None
-        ps = self.ps
-        same = [d for d in saved.values() if d.get("dp_rank") == ps.dp_rank]
-        pick = saved.get(ps.rank) if saved.get(ps.rank) in same else (same[0] if same else saved.get(0))
-        if pick is None:
-            raise UserError(f"{path / RANKS_DIR}: no rank_00000.json")
-        try:
-            rng = torch.frombuffer(bytearray(base64.b64decode(pick["rng"], validate=True)), dtype=torch.uint8)
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path / RANKS_DIR}: rank {pick.get('rank')}: bad 'rng' ({e})") from None
-        return {"rng": rng, "data": pick.get("data")}
+        return ckpt.read_rank_state(path, self.ps.rank, self.ps.dp_rank)
 
     def _load_rank_files(self, path: Path) -> dict:
         """A checkpoint of the per-rank format (before DCP): same layout only (checked by the trainer)."""
@@ -314,16 +287,7 @@ class Engine:
         if self.zero == 0:
             self.opt.load_state_dict(mine["engine"])
         else:
-            ckpt.check_tensor_files(path / "deepspeed", _deepspeed_pickled_globals())
+            ckpt.check_tensor_files(path / "deepspeed", deepspeed_pickled_globals())
             self.opt.load(path / "deepspeed", tag="state")
         return mine
 
-
-def _deepspeed_pickled_globals() -> list:
-    """The classes DeepSpeed's ZeRO checkpoint files reference: all its weights_only=False load may
-    build (checked by the restricted unpickler first, see checkpoint.check_tensor_files)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from stars_scale import checkpoint as ckpt
 from stars_scale.config import RunConfig, load_config, save_config
 from stars_scale.data.sources import build_eval_batch, build_train_source
 from stars_scale.errors import UserError
@@ -34,7 +35,6 @@ from stars_scale.parallel.compile import apply_compile
 from stars_scale.parallel.engine import Engine
 from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
-from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.nonfinite import NonFiniteGuard
 from stars_scale.utils import flatten_dict

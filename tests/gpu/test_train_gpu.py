@@ -10,7 +10,7 @@ import torch
 from stars_scale.config import config_from_dict
 from stars_scale.model.looped import LoopedLM
 from stars_scale.stars.depth import Depth
-from stars_scale.train.optim import build_optimizer
+from stars_scale.parallel.optim import build_optimizer
 from stars_scale.stars.objective import forward_backward
 
 CFG = {"model": {"vocab_size": 512, "hidden": 256, "heads": 4, "kv_heads": 2, "mlp": "swiglu", "norm": "rmsnorm",
