@@ -199,7 +199,7 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     from stars_scale.data.arithmetic import EOS
     from stars_scale.data.sources import build_task
     from stars_scale.errors import UserError
-    from stars_scale.eval.test_time import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
+    from stars_scale.eval.exit_accuracy import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
     from stars_scale.generate.exit_rules import RULES
     from stars_scale.utils import atomic_write_text
 

@@ -1,15 +1,16 @@
 """Data parallelism and the optimizer step: plain DP (zero 0) or DeepSpeed ZeRO stage 1 / 2.
 
-Both expose the same calls to `engine.Engine`:
+Both expose the same calls to `engine.Engine`, which holds the one it built as `Engine.opt`
+(DeepSpeed's own engine is `ZeroDataParallel.engine`):
 
-    engine.backward(root)   once per backward the schedule makes (pp = 1: per microbatch;
-                            pp > 1: once per step, see `pipeline`); `root` is already scaled
-    engine.step() -> norm   average the gradients over the data-parallel group, clip them by
-                            the true global norm, update, advance the learning-rate schedule
-    engine.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
-    engine.logical_state(specs, loading)      the optimizer state (and, under ZeRO, the fp32
-                            master weights) as pieces of logical tensors (checkpoint/dcp.py)
-    engine.after_load()     what a DCP load leaves to do (ZeRO: master weights from the model)
+    opt.backward(root)   once per backward the schedule makes (pp = 1: per microbatch;
+                         pp > 1: once per step, see `pipeline`); `root` is already scaled
+    opt.step() -> norm   average the gradients over the data-parallel group, clip them by
+                         the true global norm, update, advance the learning-rate schedule
+    opt.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
+    opt.logical_state(specs, loading)      the optimizer state (and, under ZeRO, the fp32
+                         master weights) as pieces of logical tensors (checkpoint/dcp.py)
+    opt.after_load()     what a DCP load leaves to do (ZeRO: master weights from the model)
 
 The global gradient norm counts every parameter once: tensor-parallel shards (megatron's
 `tensor_model_parallel` attribute) on every tensor rank, replicated parameters (norms, biases

@@ -7,8 +7,9 @@ torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the group
     Engine(cfg)                  process groups (state.init_parallel), the layout validated
     engine.parallelize(model)    tp > 1: megatron-core layers (tensor.py); pp > 1: this stage's
                                  part (pipeline.split_stage); then the device
-    engine.build_optimizer()     zero 0: AdamW + our DP all-reduce and global clipping;
-                                 zero 1/2: DeepSpeed (data_parallel.py)
+    engine.build_optimizer()     engine.opt, the optimizer step: zero 0: AdamW + our DP all-reduce
+                                 and global clipping; zero 1/2: DeepSpeed (data_parallel.py);
+                                 engine.scheduler, its learning-rate schedule
     engine.forward_backward()    pp > 1: the loop pipeline; else `objective.forward_backward` per
                                  microbatch (both: the one microbatch objective, stars/objective.py)
     engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
@@ -135,12 +136,16 @@ class Engine:
             self.pipeline = LoopPipeline(self.model, ps, self.cfg.parallel.schedule)
         return self.model
 
-    def build_optimizer(self):
-        """The optimizer step for this layout; returns the learning-rate schedule."""
+    def build_optimizer(self) -> None:
+        """The optimizer step for this layout (`self.opt`, its schedule `self.scheduler`)."""
         # the optimizer's backward calls per step: one per microbatch, or one per pipeline step
         # (under DeepSpeed the pipeline sums its passes' gradients and hands them over in one)
         backwards = self.cfg.train.grad_accum * (1 if self.pipeline is not None else self.cfg.parallel.microbatches)
         self.opt = build_data_parallel(self.model, self.cfg, self.ps, backwards, zero=self.zero)
+
+    @property
+    def scheduler(self):
+        """The learning-rate schedule of the optimizer step."""
         return self.opt.scheduler
 
     @property

@@ -4,7 +4,7 @@ A looped model spends almost all of its compute in the core, so the stages split
 blocks (stage 0 also holds embedding, prelude and injection; the last stage also holds the
 state norm, coda, final norm and head). `split_stage` cuts the plain model down to its stage, so
 a stage runs the model's own code: `LoopedLM.loop_step` / `core_step` are then the stage's part
-of one loop iteration. One iteration traverses every stage; the state returns from the last
+of one loop iteration (a later stage's `inject` passes the state through: stage 0 injected e). One iteration traverses every stage; the state returns from the last
 stage to the first for the next iteration:
 
     stage 0: s ─ inject(s, e) ─ core[0:k] ──► stage 1: core[k:2k] ──► … ──► stage P-1 ─┐
@@ -70,6 +70,11 @@ class TiedHead(nn.Module):
         return F.linear(x, self.external_weight)
 
 
+def _injected_upstream(s: torch.Tensor, e: None) -> torch.Tensor:
+    """`inject` of a stage after the first: the first stage injected e into the state already."""
+    return s
+
+
 def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
     """Drop from `model` (in place) what stage `pp_rank` does not hold; return its core range.
 
@@ -83,11 +88,12 @@ def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
     first, last = pp_rank == 0, pp_rank == pp - 1
     model.tied_shape = tuple(model.embed.weight.shape)
     model.core = nn.ModuleList(list(model.core)[lo:hi])
-    if not first:
+    if not first:  # stage 0 injects e; the state arrives here injected, and e is None
         model.embed = None
         model.pos_embed = None
         model.prelude = nn.ModuleList()
         model.adapter = None
+        model.inject = _injected_upstream
     if not last:
         model.coda = nn.ModuleList()
         model.final_norm = None

@@ -287,11 +287,3 @@ def row_subset(fraction: float, generator: torch.Generator | None, rows: int) ->
         return None
     return torch.randperm(rows, generator=generator)[:max(1, math.ceil(fraction * rows))]
 
-
-def sample_rows(fraction: float, generator: torch.Generator | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The same random subset of batch rows (sequences) from each tensor; all rows at 1.0."""
-    idx = row_subset(fraction, generator, tensors[0].shape[0])
-    if idx is None:
-        return tensors
-    idx = idx.to(tensors[0].device)
-    return tuple(t.index_select(0, idx) for t in tensors)

@@ -1,4 +1,5 @@
-"""The training loop: depth sampling, CE + λ·penalty, AdamW, checkpoints, tracking, evaluation.
+"""The training loop: depth sampling, the STARS objective ((1−λ)·CE + λ·P by default,
+`stars.combine`; stars/objective.py), AdamW, checkpoints, tracking, evaluation.
 
 One Trainer for every layout: what differs by layout (process groups, the model's parallel
 form, the forward-backward of a step, the optimizer/ZeRO step, checkpoint shards) is the
@@ -99,7 +100,7 @@ class Trainer:
         self.model = engine.parallelize(self._build_model())  # the full model from the seed, then this rank's part
         self.source = build_train_source(cfg, engine.ps.dp_rank, engine.ps.dp)
         self.sampler = DepthSampler(cfg.depth, cfg.seed)
-        self.scheduler = engine.build_optimizer()
+        engine.build_optimizer()
         self.step = 0
         self.tokens_seen = 0
         self.run_id: str | None = None
@@ -273,7 +274,7 @@ class Trainer:
                 save_config(cfg, tmp / "config.yaml")
 
         state = json.loads(json.dumps({  # a copy: the schedule moves on
-            "step": step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+            "step": step, "tokens_seen": self.tokens_seen, "scheduler": engine.scheduler.state_dict(),
             "data": self.source.state_dict(), "mlflow_run_id": self.run_id, "layout": engine.layout(),
             "run": self.run_identity(), "time": time.time()}))
         barrier = engine.checkpoint_barrier if copy else engine.barrier
