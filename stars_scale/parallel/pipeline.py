@@ -4,18 +4,21 @@ A looped model spends almost all of its compute in the core, so the stages split
 blocks (stage 0 also holds embedding, prelude and injection; the last stage also holds the
 state norm, coda, final norm and head). `split_stage` cuts the plain model down to its stage, so
 a stage runs the model's own code: `LoopedLM.loop_step` / `core_step` are then the stage's part
-of one loop iteration (a later stage's `inject` passes the state through: stage 0 injected e). One iteration traverses every stage; the state returns from the last
-stage to the first for the next iteration:
+of one loop iteration (a later stage's `inject` passes the state through: stage 0 injected e).
+One iteration traverses every stage; the state returns from the last stage to the first for the
+next iteration:
 
     stage 0: s ─ inject(s, e) ─ core[0:k] ──► stage 1: core[k:2k] ──► … ──► stage P-1 ─┐
        ▲                                                                              │
        └────────────────────────── s_{t+1} (next iteration) ◄─────────────────────────┘
 
 Every traversal of the ring is a *pass*: the r = n_free + n_grad loop iterations, then the
-evaluations of the core map for the STARS `fd` estimator. The estimator is
-`stars.jacobian.FiniteDifference` (the one `fd` power iteration), held on the last stage where
-h = s_r lives: it names the next point to evaluate, the ring evaluates the map there
-(`stars.regularizer.core_map` on every stage: the same dropout handling as one process) and
+evaluations of the core map for the STARS `fd` estimator. The microbatch's objective (CE, the
+penalty's gate, the estimate's options, their combination) is `stars.objective.Objective`, the
+one-process step's. The estimator is `stars.jacobian.FiniteDifference` (the one `fd` power
+iteration), held on the last stage where h = s_r lives: it names the next point to evaluate,
+the ring evaluates the map there (`stars.regularizer.core_map` on every stage, under
+`Objective.evaluation`: the same dropout handling and probe precision as one process) and
 hands the value back. Free iterations (truncated BPTT) run without a graph and need no backward.
 
 Schedule (`schedule.py`). Every stage runs a list of tasks computed identically on every rank:
@@ -315,7 +318,8 @@ class _Step:
                  objective: Objective, seed: int, loss_scale: float, dtype: str):
         self.pipe, self.model, self.ps = pipe, pipe.model, pipe.ps
         self.plan, self.mbs, self.net, self.meter, self.acc = plan, mbs, net, meter, acc
-        self.objective, self.step, self.seed, self.loss_scale, self.dtype = objective, objective.step, seed, loss_scale, dtype
+        self.objective, self.step = objective, objective.step
+        self.seed, self.loss_scale, self.dtype = seed, loss_scale, dtype
         self.weight: torch.Tensor | None = None  # last stage, tied head: the embedding weight, a leaf
 
     def _record(self, owner):
