@@ -22,9 +22,9 @@ import torch
 from stars_scale.config import config_from_dict, load_config
 from stars_scale.data.sources import build_task
 from stars_scale.model.looped import LoopedLM
-from stars_scale.parallel.dcp import read_model_state
+from stars_scale.checkpoint.dcp import read_model_state
 from stars_scale.stars.jacobian import METHODS, spectral_penalty
-from stars_scale.train import checkpoint as ckpt
+from stars_scale import checkpoint as ckpt
 
 HUGINN_TINY = {"vocab_size": 64, "hidden": 64, "heads": 4, "mlp": "swiglu", "norm": "rmsnorm",
                "norm_placement": "sandwich", "positions": "rope", "max_seq_len": 32, "n_prelude": 2,

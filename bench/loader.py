@@ -74,8 +74,8 @@ def train_step_tokens_per_s(config: str | Path, steps: int = 20, warmup: int = 3
     from stars_scale.data.sources import build_train_source
     from stars_scale.model.looped import LoopedLM
     from stars_scale.stars.depth import DepthSampler
-    from stars_scale.train.optim import build_optimizer
-    from stars_scale.train.step import forward_backward
+    from stars_scale.parallel.optim import build_optimizer
+    from stars_scale.stars.objective import forward_backward
 
     cfg = load_config(config, ["stars.warmup_steps=0"])
     torch.manual_seed(cfg.seed)

@@ -4,7 +4,7 @@
 
 Rows: truncated BPTT k with loop checkpointing (the recommended setting), and for contrast full
 backprop without checkpointing (what the paper's reference code does). Figures are the step's
-RSS high-water mark above the resident baseline (see stars_scale/train/memory.py).
+RSS high-water mark above the resident baseline (see bench/step_memory.py).
 """
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 
 def measure(depth: int, checkpointing: str, backprop: int | None, hidden: int, batch: int, seq: int) -> float:
-    code = ("import json; from stars_scale.train.memory import step_peak_memory_mb as f; "
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            "from step_memory import step_peak_memory_mb as f; "
             f"print(json.dumps(f({depth}, {checkpointing!r}, {backprop!r}, hidden={hidden}, batch={batch}, seq={seq})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out)["peak_mb"]

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=200)
     args = ap.parse_args(argv)
 
-    from stars_scale.cli.common import run_cli
+    from stars_scale.errors import run_cli
     return run_cli(lambda: _run(args))
 
 

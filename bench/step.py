@@ -38,8 +38,8 @@ from stars_scale.model.looped import LoopedLM
 from stars_scale.parallel.compile import apply_compile
 from stars_scale.stars.depth import Depth
 from stars_scale.train.host_malloc import keep_freed_memory
-from stars_scale.train.optim import build_optimizer
-from stars_scale.train.step import forward_backward
+from stars_scale.parallel.optim import build_optimizer
+from stars_scale.stars.objective import forward_backward
 
 SETTINGS = {
     "plain": {"lam": 0.0, "estimate_every": 0},

@@ -15,9 +15,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the multi-rank harness
 
 from stars_scale.config import config_from_dict  # noqa: E402
-from stars_scale.parallel.testing import spawn  # noqa: E402
+from multirank import spawn  # noqa: E402
 
 
 def make_cfg(zero: int, hidden: int, n_core: int):

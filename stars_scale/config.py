@@ -189,7 +189,9 @@ class MixtureItem:
 @dataclass
 class DataConfig:
     kind: Literal["arithmetic", "shards"] = "arithmetic"
-    batch_size: int = 64  # global batch per microbatch, split over the data-parallel ranks
+    # rows of one batch over all data-parallel ranks (train.grad_accum batches per optimizer step);
+    # each rank's share (batch_size / dp) is split into parallel.microbatches microbatches
+    batch_size: int = 64
     # arithmetic (in-memory generator)
     digits: int = 3
     train_size: int = 0  # 0: fresh problems every step; else a fixed training set of this size

@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from stars_scale.parallel import dcp
-from stars_scale.parallel.dcp import read_checkpoint
-from stars_scale.parallel.testing import fail_saves_of, make_cfg, spawn
-from stars_scale.train import checkpoint as ckpt
+from stars_scale.checkpoint import dcp
+from stars_scale.checkpoint.dcp import read_checkpoint
+from multirank import fail_saves_of, make_cfg, spawn
+from stars_scale import checkpoint as ckpt
 from stars_scale.train.trainer import Trainer
 
 TRAIN = {"steps": 6, "ckpt_every": 2, "keep_last": 10, "host_malloc": "system"}

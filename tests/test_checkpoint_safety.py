@@ -21,7 +21,7 @@ import yaml
 
 from stars_scale.cli import eval as eval_cli
 from stars_scale.cli import train as train_cli
-from stars_scale.train import checkpoint as ckpt
+from stars_scale import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -284,7 +284,7 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(tmp_path, cfg_file,
         (Path(path) / "dcp" / ".metadata").unlink()  # half deleted, then the "kill"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)  # the one shutil module the checkpoint code uses
     with pytest.raises(KeyboardInterrupt):
         ckpt.prune(out, keep_last=1, up_to_step=3)
     monkeypatch.undo()
@@ -294,7 +294,7 @@ def test_kill_while_pruning_leaves_only_complete_checkpoints(tmp_path, cfg_file,
 
 
 def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, monkeypatch, capsys):
-    from stars_scale.parallel.testing import fail_saves_of
+    from multirank import fail_saves_of
 
     fail_saves_of(monkeypatch, "step_00000002")
     out = tmp_path / "r"
@@ -308,7 +308,7 @@ def test_a_failed_save_warns_and_the_next_interval_retries(tmp_path, cfg_file, m
 
 
 def test_saves_failing_in_a_row_stop_with_one_line(tmp_path, cfg_file, monkeypatch, capsys):
-    from stars_scale.parallel import dcp
+    from stars_scale.checkpoint import dcp
 
     real = dcp.save
 

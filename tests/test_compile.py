@@ -16,7 +16,7 @@ from stars_scale.model.dropout import DropoutMasks, keep_mask
 from stars_scale.parallel.compile import apply_compile
 from stars_scale.stars.depth import Depth
 from stars_scale.stars.regularizer import core_map
-from stars_scale.train.step import forward_backward
+from stars_scale.stars.objective import forward_backward
 
 BASE = {
     "seed": 0,
@@ -127,7 +127,7 @@ def _tp_compiled_vs_eager(rank: int, world: int, out: str):
     import functools
 
     import stars_scale.train.trainer as trainer_mod
-    from stars_scale.parallel.testing import STEPS, make_cfg
+    from multirank import STEPS, make_cfg
     from stars_scale.train.trainer import Trainer
 
     trainer_mod.apply_compile = functools.partial(apply_compile, backend="aot_eager")
@@ -141,7 +141,7 @@ def _tp_compiled_vs_eager(rank: int, world: int, out: str):
 def test_tensor_parallel_compiled_blocks_match_eager(tmp_path):
     """megatron's column/row-parallel layers inside compiled blocks (tp 2, fd penalty, truncated
     BPTT): the same losses as the eager tp 2 run."""
-    from stars_scale.parallel.testing import spawn
+    from multirank import spawn
 
     for rows, graphs in spawn(_tp_compiled_vs_eager, 2, str(tmp_path)):
         assert graphs > 0  # the blocks were compiled

@@ -41,5 +41,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_every_shipped_config_loads():
     from pathlib import Path
 
-    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")):
+    paths = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert {"arith_tiny.yaml", "collapse_stars.yaml", "huginn_3p5b.yaml", "looped_1b_1gpu.yaml"} <= {p.name for p in paths}
+    for path in paths:
         load_config(path)

@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from test_data_helpers import make_dataset, rewrite_shard, stars_data
+from data_helpers import make_dataset, rewrite_shard, stars_data
 
 from stars_scale.data.loader import ShardSource
 from stars_scale.data.shards import sha256_file

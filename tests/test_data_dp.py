@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_data_helpers import all_blocks, batch_blocks, make_dataset
+from data_helpers import all_blocks, batch_blocks, make_dataset
 
 from stars_scale.data.loader import ShardSource
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_data_helpers import all_blocks, batch_blocks, make_dataset
+from data_helpers import all_blocks, batch_blocks, make_dataset
 
 from stars_scale.data.loader import ShardSource
 from stars_scale.errors import UserError

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import all_blocks, make_docs, stars_data, write_corpus
+from data_helpers import all_blocks, make_docs, stars_data, write_corpus
 
 from stars_scale.data.prepare import is_val_document
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stars_scale.parallel.dcp import ShardSpec, flat_boxes, to_logical
-from stars_scale.parallel.testing import make_cfg, spawn
+from stars_scale.checkpoint.dcp import ShardSpec, flat_boxes, to_logical
+from multirank import make_cfg, spawn
 
 STEPS, FIRST = 6, 3
 TP2, PP2, TP2PP2 = {"tp": 2, "microbatches": 2}, {"pp": 2, "microbatches": 2}, {"tp": 2, "pp": 2, "microbatches": 2}
@@ -86,7 +86,7 @@ def test_a_checkpoint_resumes_on_another_layout():
         assert sorted(p.name for p in (ck / "dcp").glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(4)]
         assert not (ck / "model.pt").exists()
         from stars_scale.model.looped import LoopedLM
-        from stars_scale.parallel.dcp import read_checkpoint
+        from stars_scale.checkpoint.dcp import read_checkpoint
 
         run, sd = read_checkpoint(ck)
         LoopedLM(run.model).load_state_dict(sd)  # strict: every name and shape of the plain model

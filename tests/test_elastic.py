@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from stars_scale.errors import UserError
-from stars_scale.parallel.testing import BASE, make_cfg
+from multirank import BASE, make_cfg
 
 STEPS, EVERY = 40, 5
 

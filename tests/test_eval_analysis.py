@@ -39,8 +39,8 @@ def test_state_trajectories_match_the_model_loop(trained):
     from stars_scale.config import load_config
     from stars_scale.data.sources import build_eval_batch
     from stars_scale.model.looped import LoopedLM
-    from stars_scale.parallel.dcp import read_model_state
-    from stars_scale.train import checkpoint as ckpt
+    from stars_scale.checkpoint.dcp import read_model_state
+    from stars_scale import checkpoint as ckpt
 
     tmp, _ = trained
     path = ckpt.resolve_checkpoint(tmp / "run")

@@ -11,7 +11,7 @@ import torch
 
 from stars_scale.config import RunConfig, ModelConfig, DataConfig, save_config
 from stars_scale.model.looped import LoopedLM
-from stars_scale.train import checkpoint as ckpt
+from stars_scale import checkpoint as ckpt
 
 
 def write_run(root: Path, run: RunConfig, seed: int = 0) -> Path:

@@ -28,7 +28,7 @@ from stars_scale.model.layers import RMSNorm, apply_rope, rope_cache
 from stars_scale.model.looped import LoopedLM
 from stars_scale.stars import jacobian
 from stars_scale.stars.depth import Depth
-from stars_scale.train.step import forward_backward
+from stars_scale.stars.objective import forward_backward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def _vocab_parallel_ce(rank: int, world: int, logits: torch.Tensor, labels: torc
 
 
 def test_vocab_parallel_cross_entropy_matches_the_whole_vocabulary():
-    from stars_scale.parallel.testing import spawn
+    from multirank import spawn
 
     logits = rnd(6, 16, dtype=torch.float32, grad=False)
     labels = torch.tensor([0, 15, 7, 8, -100, 3])

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,8 +126,9 @@ def test_checkpointing_gives_identical_loss_and_gradients(mode):
 
 def peak(depth, checkpointing, backprop=None):
     code = f"""
-import json
-from stars_scale.train.memory import step_peak_memory_mb
+import json, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "bench")!r})
+from step_memory import step_peak_memory_mb
 print(json.dumps(step_peak_memory_mb(depth={depth}, checkpointing={checkpointing!r}, backprop={backprop!r},
                                      hidden=128, batch=16, seq=128)))
 """

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from stars_scale.errors import UserError
-from stars_scale.parallel.dcp import read_checkpoint
-from stars_scale.parallel.testing import make_cfg, spawn
-from stars_scale.train import checkpoint as ckpt
+from stars_scale.checkpoint.dcp import read_checkpoint
+from multirank import make_cfg, spawn
+from stars_scale import checkpoint as ckpt
 from stars_scale.train.trainer import Trainer
 
 

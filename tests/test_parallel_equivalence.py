@@ -17,7 +17,7 @@ import tempfile
 import pytest
 import torch
 
-from stars_scale.parallel.testing import STEPS, make_cfg, spawn
+from multirank import STEPS, make_cfg, spawn
 
 
 def _train_layouts(rank: int, world: int, layouts: list, out: str):

@@ -12,7 +12,7 @@ import yaml
 
 from stars_scale.errors import ConfigError
 from stars_scale.parallel.layout import check_layout
-from stars_scale.parallel.testing import BASE, make_cfg
+from multirank import BASE, make_cfg
 
 
 def _cfg(parallel=None, **sections):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from stars_scale.parallel.dcp import read_checkpoint
-from stars_scale.parallel.testing import make_cfg, spawn
+from stars_scale.checkpoint.dcp import read_checkpoint
+from multirank import make_cfg, spawn
 
 LAYOUTS = [{"pp": 2, "microbatches": 2}, {"zero": 2, "microbatches": 1}]
 

@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 from stars_scale.parallel import schedule
-from stars_scale.parallel.testing import make_cfg, spawn
+from multirank import make_cfg, spawn
 
 ROWS = 2  # rows per microbatch, whatever M
 

@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from stars_scale.parallel.testing import make_cfg, spawn
+from multirank import make_cfg, spawn
 
 LAYOUTS = {
     "tp2": {"tp": 2, "microbatches": 2},

@@ -6,7 +6,7 @@ from stars_scale.config import ModelConfig, StarsConfig
 from stars_scale.data.arithmetic import ArithmeticTask
 from stars_scale.model import LoopedLM
 from stars_scale.stars.depth import Depth
-from stars_scale.train.step import forward_backward
+from stars_scale.stars.objective import forward_backward
 
 
 def model_and_batch():

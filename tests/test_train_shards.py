@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from test_data_helpers import make_dataset, stars_data
+from data_helpers import make_dataset, stars_data
 
 
 def train(cwd: Path, cfg: Path, out: str, *extra: str) -> list[dict]:

@@ -26,8 +26,8 @@ from stars_scale.config import load_config
 from stars_scale.model.looped import LoopedLM
 from stars_scale.plan import depth_stats, flops_per_token, param_counts
 from stars_scale.stars.depth import Depth
-from stars_scale.train.optim import build_optimizer
-from stars_scale.train.step import forward_backward
+from stars_scale.parallel.optim import build_optimizer
+from stars_scale.stars.objective import forward_backward
 
 
 def sync(device: torch.device) -> None:

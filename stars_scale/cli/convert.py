@@ -13,11 +13,10 @@ import re
 
 import torch
 
-from stars_scale.cli.common import run_cli
 from stars_scale.convert.card import human_count
 from stars_scale.convert.api import (DTYPES, EXPORT_FORMATS, IMPORT_FORMATS, export_checkpoint,
                                      import_checkpoint)
-from stars_scale.errors import UserError
+from stars_scale.errors import UserError, run_cli
 from stars_scale.model.looped import LoopedLM
 
 

@@ -15,8 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
-from stars_scale.errors import UserError
+from stars_scale.errors import UserError, run_cli
 
 
 def _size(text: str) -> int:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
+from stars_scale.errors import run_cli
 
 
 def parse_depths(text: str) -> list[int]:
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from stars_scale.errors import UserError
         from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
         from stars_scale.model.looped import LoopedLM
-        from stars_scale.parallel.dcp import read_model_state
-        from stars_scale.train import checkpoint as ckpt
+        from stars_scale import checkpoint as ckpt
 
         depths = parse_depths(args.depths)
         path = ckpt.resolve_checkpoint(args.checkpoint)
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         state = ckpt.load_state(path)
         model = LoopedLM(cfg.model)
         try:
-            model.load_state_dict(read_model_state(path, cfg.model))  # DCP shards of any layout, or model.pt
+            model.load_state_dict(ckpt.read_model_state(path, cfg.model))  # DCP shards of any layout, or model.pt
         except RuntimeError as e:
             raise UserError(f"{path}: the weights do not match the checkpoint's config ({e})") from None
         samples = args.samples or cfg.eval.samples
@@ -171,7 +170,7 @@ def _lm(args) -> int:
     plot_lm_depth_scaling(table, ppath, title=f"{wdir.name}: lm-eval against depth")
     run_id = None
     if is_training_ckpt:
-        from stars_scale.train import checkpoint as ckpt
+        from stars_scale import checkpoint as ckpt
 
         run_id = ckpt.load_state(wdir).get("mlflow_run_id")
     if run_id and run.tracking.mlflow and not args.no_mlflow:
@@ -200,7 +199,7 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     from stars_scale.data.arithmetic import EOS
     from stars_scale.data.sources import build_task
     from stars_scale.errors import UserError
-    from stars_scale.eval.test_time import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
+    from stars_scale.eval.exit_accuracy import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
     from stars_scale.generate.exit_rules import RULES
     from stars_scale.utils import atomic_write_text
 

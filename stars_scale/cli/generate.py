@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
+from stars_scale.errors import run_cli
 
 
 def add_generation_args(p: argparse.ArgumentParser, depth_required: bool = False) -> None:

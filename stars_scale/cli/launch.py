@@ -16,9 +16,8 @@ import re
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
 from stars_scale.config import load_config, parse_overrides, save_config
-from stars_scale.errors import UserError
+from stars_scale.errors import UserError, run_cli
 from stars_scale.launch import parent_run, slurm
 from stars_scale.launch.layout import check_layout
 from stars_scale.launch.sweep import parse_sweep

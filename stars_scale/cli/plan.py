@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from stars_scale.cli.common import run_cli
 from stars_scale.config import load_config
+from stars_scale.errors import run_cli
 from stars_scale.plan import GPUS, format_plan, plan, plan_to_dict
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
+from stars_scale.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,7 +90,7 @@ def save_converted(out: str | Path, run: RunConfig, sd: dict[str, torch.Tensor],
 def resolve_weights_dir(path: str | Path) -> Path:
     """A converted dir (model.safetensors), a training checkpoint (dcp/, or model.pt of older
     versions) or a training run directory (its latest complete checkpoint)."""
-    from stars_scale.train.checkpoint import resolve_checkpoint
+    from stars_scale.checkpoint import resolve_checkpoint
 
     d = Path(path)
     if not d.is_dir():
@@ -109,7 +109,7 @@ def load_converted_run(path: str | Path) -> tuple[RunConfig, dict[str, torch.Ten
     d = resolve_weights_dir(path)
     run = load_config(d / CONFIG_NAME)
     if not (d / WEIGHTS_NAME).is_file() and _is_training_checkpoint(d):  # a stars-train checkpoint
-        from stars_scale.parallel.dcp import read_model_state
+        from stars_scale.checkpoint import read_model_state
 
         sd = fuse_state_dict(read_model_state(d, run.model), run.model)  # older layouts too
         check_state_dict(run.model, storable(run.model, sd), str(d))

@@ -228,7 +228,7 @@ def plot_lm_depth_scaling(table: dict, path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stars_scale.eval.test_time import save_log2_plot
+    from stars_scale.eval.exit_accuracy import save_log2_plot
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for task, entry in sorted(table["tasks"].items()):

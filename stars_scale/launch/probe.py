@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
 from stars_scale.config import load_config
+from stars_scale.errors import run_cli
 from stars_scale.utils import atomic_write_json, flatten_dict
 
 _signals: list[str] = []

@@ -133,13 +133,10 @@ class LoopedLM(nn.Module):
             return s + e
         return s
 
-    def core_step(self, s: torch.Tensor, e: torch.Tensor | None, kv_cache=None) -> torch.Tensor:
+    def core_step(self, s: torch.Tensor, e: torch.Tensor, kv_cache=None) -> torch.Tensor:
         """The core map f(s, e): one loop iteration. STARS regularises its Jacobian in s.
-
-        A pipeline stage holds a slice of `core` (and the state norm only on the last stage): its
-        `core_step` is its part of the map, and stages after the first get e=None (s is injected).
         `kv_cache`: one entry per core block, for this iteration (generation)."""
-        x = self.inject(s, e) if e is not None else s
+        x = self.inject(s, e)
         for i, block in enumerate(self.core):
             x = self._block(block, x, None if kv_cache is None else kv_cache[i])
         if self.state_norm is not None:

@@ -3,30 +3,16 @@
 Inverts `tensor.parallelize_tensor` and `pipeline.split_stage`: tensor-parallel shards are
 gathered over the tp group and concatenated along their `partition_dim` (vocabulary padding cut
 off), stage dicts are merged over the pipeline group with core block indices shifted back to
-the full model's. The result loads into a plain `LoopedLM` (evaluation, export, tests).
+the full model's (`checkpoint.dcp.full_name`: the logical names a checkpoint uses too). The
+result loads into a plain `LoopedLM` (evaluation, export, tests).
 """
 from __future__ import annotations
-
-import re
 
 import torch
 import torch.distributed as dist
 
-from stars_scale.model.looped import LoopedLM
+from stars_scale.checkpoint.dcp import full_name, reference_shapes
 from stars_scale.parallel.tensor import gather_shards
-
-_CORE = re.compile(r"^core\.(\d+)\.")
-
-
-def full_name(local: str, core_offset: int) -> str:
-    name = local.replace(".inner.", ".")
-    return _CORE.sub(lambda m: f"core.{int(m.group(1)) + core_offset}.", name)
-
-
-def reference_shapes(model_cfg) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        ref = LoopedLM(model_cfg)
-    return {k: v.shape for k, v in ref.state_dict().items()}
 
 
 def full_state_dict(model, ps, core_offset: int, model_cfg) -> dict[str, torch.Tensor] | None:

@@ -1,15 +1,16 @@
 """Data parallelism and the optimizer step: plain DP (zero 0) or DeepSpeed ZeRO stage 1 / 2.
 
-Both expose the same calls to `engine.Engine`:
+Both expose the same calls to `engine.Engine`, which holds the one it built as `Engine.opt`
+(DeepSpeed's own engine is `ZeroDataParallel.engine`):
 
-    engine.backward(root)   once per backward the schedule makes (pp = 1: per microbatch;
-                            pp > 1: once per step, see `pipeline`); `root` is already scaled
-    engine.step() -> norm   average the gradients over the data-parallel group, clip them by
-                            the true global norm, update, advance the learning-rate schedule
-    engine.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
-    engine.logical_state(specs, loading)      the optimizer state (and, under ZeRO, the fp32
-                            master weights) as pieces of logical tensors (parallel/dcp.py)
-    engine.after_load()     what a DCP load leaves to do (ZeRO: master weights from the model)
+    opt.backward(root)   once per backward the schedule makes (pp = 1: per microbatch;
+                         pp > 1: once per step, see `pipeline`); `root` is already scaled
+    opt.step() -> norm   average the gradients over the data-parallel group, clip them by
+                         the true global norm, update, advance the learning-rate schedule
+    opt.state_dict() / load_state_dict()   this rank's optimizer (and schedule) state
+    opt.logical_state(specs, loading)      the optimizer state (and, under ZeRO, the fp32
+                         master weights) as pieces of logical tensors (checkpoint/dcp.py)
+    opt.after_load()     what a DCP load leaves to do (ZeRO: master weights from the model)
 
 The global gradient norm counts every parameter once: tensor-parallel shards (megatron's
 `tensor_model_parallel` attribute) on every tensor rank, replicated parameters (norms, biases
@@ -28,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig
-from stars_scale.parallel.dcp import Logical, ShardSpec
-from stars_scale.train.optim import build_optimizer, build_scheduler
+from stars_scale.checkpoint.dcp import Logical, ShardSpec
+from stars_scale.parallel.optim import build_optimizer, build_scheduler
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -216,9 +217,6 @@ class ZeroDataParallel:
     def lr(self) -> float:
         return self.base.param_groups[0]["lr"]
 
-    def save(self, directory, tag: str) -> None:
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"scheduler": self.scheduler.state_dict()})
-
     def load(self, directory, tag: str) -> None:
         _, client = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False)
@@ -273,3 +271,13 @@ def build_data_parallel(model: torch.nn.Module, cfg: RunConfig, ps, backwards_pe
     """The optimizer step of this layout: zero 0 (one process too) or DeepSpeed ZeRO 1 / 2."""
     cls = PlainDataParallel if zero == 0 else ZeroDataParallel
     return cls(model, cfg, ps, backwards_per_step)
+
+
+def deepspeed_pickled_globals() -> list:
+    """The classes DeepSpeed's ZeRO checkpoint files reference: all its weights_only=False load may
+    build (checked by the restricted unpickler first, see checkpoint.check_tensor_files)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]

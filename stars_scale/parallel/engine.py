@@ -7,12 +7,14 @@ torchtitan's shape: `ParallelState` (its ParallelDims: tp × pp × dp, the group
     Engine(cfg)                  process groups (state.init_parallel), the layout validated
     engine.parallelize(model)    tp > 1: megatron-core layers (tensor.py); pp > 1: this stage's
                                  part (pipeline.split_stage); then the device
-    engine.build_optimizer()     zero 0: AdamW + our DP all-reduce and global clipping;
-                                 zero 1/2: DeepSpeed (data_parallel.py)
-    engine.forward_backward()    pp > 1: the loop pipeline; else `step.forward_backward` per microbatch
+    engine.build_optimizer()     engine.opt, the optimizer step: zero 0: AdamW + our DP all-reduce
+                                 and global clipping; zero 1/2: DeepSpeed (data_parallel.py);
+                                 engine.scheduler, its learning-rate schedule
+    engine.forward_backward()    pp > 1: the loop pipeline; else `objective.forward_backward` per
+                                 microbatch (both: the one microbatch objective, stars/objective.py)
     engine.optimizer_step()      average over dp, clip by the global norm, update, schedule
     engine.reduce_metrics()      the step's metrics, averaged over dp, the same on every rank
-    engine.shard_writer/load_shards  this rank's pieces of the logical checkpoint (DCP, parallel/dcp.py):
+    engine.shard_writer/load_shards  this rank's pieces of the logical checkpoint (DCP, checkpoint/dcp.py):
                                  saved on one layout, loaded on any other (resharding)
     engine.full_state_dict()     the single-device state dict (collective; evaluation only)
 
@@ -23,9 +25,7 @@ with M microbatches therefore equals one process with dp·M microbatches.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -34,19 +34,16 @@ import torch.distributed as dist
 
 from stars_scale.config import RunConfig
 from stars_scale.errors import UserError
+from stars_scale import checkpoint as ckpt
+from stars_scale.checkpoint import dcp
 from stars_scale.model.fused import refuse_unfused_resume
-from stars_scale.parallel import dcp
 from stars_scale.parallel.consolidate import full_state_dict
-from stars_scale.parallel.data_parallel import build_data_parallel, load_schedule
+from stars_scale.parallel.data_parallel import build_data_parallel, deepspeed_pickled_globals, load_schedule
 from stars_scale.parallel.pipeline import HeldBytes, LoopPipeline, split_stage
 from stars_scale.parallel.state import init_parallel
 from stars_scale.parallel.tensor import parallelize_tensor, vocab_parallel_ce
 from stars_scale.stars.depth import Depth
-from stars_scale.train import checkpoint as ckpt
-from stars_scale.train.step import MicroResult, forward_backward
-from stars_scale.utils import atomic_write_text
-
-RANKS_DIR = "ranks"
+from stars_scale.stars.objective import MicroResult, forward_backward
 
 
 class Engine:
@@ -139,12 +136,16 @@ class Engine:
             self.pipeline = LoopPipeline(self.model, ps, self.cfg.parallel.schedule)
         return self.model
 
-    def build_optimizer(self):
-        """The optimizer step for this layout; returns the learning-rate schedule."""
+    def build_optimizer(self) -> None:
+        """The optimizer step for this layout (`self.opt`, its schedule `self.scheduler`)."""
         # the optimizer's backward calls per step: one per microbatch, or one per pipeline step
         # (under DeepSpeed the pipeline sums its passes' gradients and hands them over in one)
         backwards = self.cfg.train.grad_accum * (1 if self.pipeline is not None else self.cfg.parallel.microbatches)
         self.opt = build_data_parallel(self.model, self.cfg, self.ps, backwards, zero=self.zero)
+
+    @property
+    def scheduler(self):
+        """The learning-rate schedule of the optimizer step."""
         return self.opt.scheduler
 
     @property
@@ -165,9 +166,13 @@ class Engine:
         if int(t[0]) != total or int(-t[1]) != total:
             raise RuntimeError(f"step {step}: ranks drew different depths ({int(-t[1])}..{int(t[0])})")
 
+    def ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The token CE of this layout: vocab-parallel over the tp group, the model's kernels."""
+        return vocab_parallel_ce(logits, labels, self.ps.tp, self.model.cfg.kernels, self.ps.tp_group)
+
     def forward_backward(self, batches: list[dict], micro_ids: list[int], depth: Depth, step: int) -> list[MicroResult]:
         cfg = self.cfg
-        common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype)
+        common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype, ce_fn=self.ce)
         if self.pipeline is not None:
             self.pipeline.measure = self.measure
             # zero 0: the passes' gradients go straight into .grad; DeepSpeed: one backward per step
@@ -175,14 +180,11 @@ class Engine:
                                                  backward=self.opt.backward if self.zero else None, **common)
             self.peak_saved_bytes = self.pipeline.stats.peak_saved_bytes
             return out
-        tp = self.ps.tp
         out = []
         meter = HeldBytes(self.model) if self.measure else None
         for mb, mi in zip(batches, micro_ids):  # one microbatch in flight: its backward frees it
             with meter.recording(mi) if meter is not None else contextlib.nullcontext():
                 out.append(forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
-                                            ce_fn=lambda logits, labels: vocab_parallel_ce(
-                                                logits, labels, tp, self.model.cfg.kernels, self.ps.tp_group),
                                             **common))
             if meter is not None:
                 meter.update_peak()
@@ -250,15 +252,12 @@ class Engine:
         if copy:
             state = {k: v.copy() for k, v in state.items()}
         ps = self.ps
-        mine = {"rank": ps.rank, "dp_rank": ps.dp_rank, "layout": self.layout(),
-                "rng": base64.b64encode(extra["rng"].numpy().tobytes()).decode(), "data": extra["data"]}
-        text = json.dumps(mine) + "\n"
+        text = ckpt.rank_state_text(ps.rank, ps.dp_rank, self.layout(), extra["rng"], extra["data"])
         group = self.ckpt_group if copy else None
 
         def write(tmp: Path) -> None:
             dcp.save(state, tmp / dcp.DCP_DIR, group)
-            (tmp / RANKS_DIR).mkdir(exist_ok=True)
-            atomic_write_text(tmp / RANKS_DIR / f"rank_{ps.rank:05d}.json", text)
+            ckpt.write_rank_state(tmp, ps.rank, text)
 
         return write
 
@@ -279,26 +278,7 @@ class Engine:
         if scheduler_state is None:
             raise UserError(f"{path / ckpt.STATE_FILE}: no 'scheduler' state")
         load_schedule(self.opt.scheduler, scheduler_state)
-        return self._extras(path)
-
-    def _extras(self, path: Path) -> dict:
-        saved = {}
-        for f in sorted((path / RANKS_DIR).glob("rank_*.json")):
-            try:
-                d = json.loads(f.read_text())
-                saved[int(d["rank"])] = d
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{f}: unreadable rank state ({type(e).__name__}: {e})") from None
-        ps = self.ps
-        same = [d for d in saved.values() if d.get("dp_rank") == ps.dp_rank]
-        pick = saved.get(ps.rank) if saved.get(ps.rank) in same else (same[0] if same else saved.get(0))
-        if pick is None:
-            raise UserError(f"{path / RANKS_DIR}: no rank_00000.json")
-        try:
-            rng = torch.frombuffer(bytearray(base64.b64decode(pick["rng"], validate=True)), dtype=torch.uint8)
-        except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{path / RANKS_DIR}: rank {pick.get('rank')}: bad 'rng' ({e})") from None
-        return {"rng": rng, "data": pick.get("data")}
+        return ckpt.read_rank_state(path, self.ps.rank, self.ps.dp_rank)
 
     def _load_rank_files(self, path: Path) -> dict:
         """A checkpoint of the per-rank format (before DCP): same layout only (checked by the trainer)."""
@@ -312,16 +292,7 @@ class Engine:
         if self.zero == 0:
             self.opt.load_state_dict(mine["engine"])
         else:
-            ckpt.check_tensor_files(path / "deepspeed", _deepspeed_pickled_globals())
+            ckpt.check_tensor_files(path / "deepspeed", deepspeed_pickled_globals())
             self.opt.load(path / "deepspeed", tag="state")
         return mine
 
-
-def _deepspeed_pickled_globals() -> list:
-    """The classes DeepSpeed's ZeRO checkpoint files reference: all its weights_only=False load may
-    build (checked by the restricted unpickler first, see checkpoint.check_tensor_files)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]

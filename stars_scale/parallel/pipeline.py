@@ -4,18 +4,21 @@ A looped model spends almost all of its compute in the core, so the stages split
 blocks (stage 0 also holds embedding, prelude and injection; the last stage also holds the
 state norm, coda, final norm and head). `split_stage` cuts the plain model down to its stage, so
 a stage runs the model's own code: `LoopedLM.loop_step` / `core_step` are then the stage's part
-of one loop iteration. One iteration traverses every stage; the state returns from the last
-stage to the first for the next iteration:
+of one loop iteration (a later stage's `inject` passes the state through: stage 0 injected e).
+One iteration traverses every stage; the state returns from the last stage to the first for the
+next iteration:
 
     stage 0: s ─ inject(s, e) ─ core[0:k] ──► stage 1: core[k:2k] ──► … ──► stage P-1 ─┐
        ▲                                                                              │
        └────────────────────────── s_{t+1} (next iteration) ◄─────────────────────────┘
 
 Every traversal of the ring is a *pass*: the r = n_free + n_grad loop iterations, then the
-evaluations of the core map for the STARS `fd` estimator. The estimator is
-`stars.jacobian.FiniteDifference` (the one `fd` power iteration), held on the last stage where
-h = s_r lives: it names the next point to evaluate, the ring evaluates the map there
-(`stars.regularizer.core_map` on every stage: the same dropout handling as one process) and
+evaluations of the core map for the STARS `fd` estimator. The microbatch's objective (CE, the
+penalty's gate, the estimate's options, their combination) is `stars.objective.Objective`, the
+one-process step's. The estimator is `stars.jacobian.FiniteDifference` (the one `fd` power
+iteration), held on the last stage where h = s_r lives: it names the next point to evaluate,
+the ring evaluates the map there (`stars.regularizer.core_map` on every stage, under
+`Objective.evaluation`: the same dropout handling and probe precision as one process) and
 hands the value back. Free iterations (truncated BPTT) run without a graph and need no backward.
 
 Schedule (`schedule.py`). Every stage runs a list of tasks computed identically on every rank:
@@ -45,13 +48,11 @@ import torch.nn.functional as F
 from stars_scale.config import StarsConfig
 from stars_scale.parallel.p2p import Channels
 from stars_scale.parallel.schedule import Task, build, linked, max_in_flight, simulated_ticks
-from stars_scale.parallel.tensor import vocab_parallel_ce
 from stars_scale.stars.depth import Depth
-from stars_scale.stars.jacobian import FiniteDifference, SpectralEstimate, fd_evaluation
-from stars_scale.stars.regularizer import (Probe, combine_loss, core_map, draw_probe, fd_penalty,
-                                           without_checkpointing)
-from stars_scale.train.step import (MicroResult, autocast_context, estimator_generator, init_state_generator,
-                                    penalty_active, rho_wanted)
+from stars_scale.stars.jacobian import FiniteDifference, SpectralEstimate
+from stars_scale.stars.objective import (CE, MicroResult, Objective, autocast_context, estimator_generator,
+                                         init_state_generator, penalty_active, rho_wanted)
+from stars_scale.stars.regularizer import Probe, core_map, draw_probe, without_checkpointing
 
 
 def stage_bounds(n_core: int, pp: int, pp_rank: int) -> tuple[int, int]:
@@ -72,6 +73,11 @@ class TiedHead(nn.Module):
         return F.linear(x, self.external_weight)
 
 
+def _injected_upstream(s: torch.Tensor, e: None) -> torch.Tensor:
+    """`inject` of a stage after the first: the first stage injected e into the state already."""
+    return s
+
+
 def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
     """Drop from `model` (in place) what stage `pp_rank` does not hold; return its core range.
 
@@ -85,11 +91,12 @@ def split_stage(model, pp: int, pp_rank: int) -> tuple[int, int]:
     first, last = pp_rank == 0, pp_rank == pp - 1
     model.tied_shape = tuple(model.embed.weight.shape)
     model.core = nn.ModuleList(list(model.core)[lo:hi])
-    if not first:
+    if not first:  # stage 0 injects e; the state arrives here injected, and e is None
         model.embed = None
         model.pos_embed = None
         model.prelude = nn.ModuleList()
         model.adapter = None
+        model.inject = _injected_upstream
     if not last:
         model.coda = nn.ModuleList()
         model.final_norm = None
@@ -236,12 +243,15 @@ class LoopPipeline:
 
     def forward_backward(self, batches: list[dict], depth: Depth, stars: StarsConfig, *, step: int,
                          micro_ids: list[int], seed: int, loss_scale: float, dtype: str,
-                         backward) -> list[MicroResult]:
+                         backward, ce_fn: CE | None = None) -> list[MicroResult]:
         """The step's microbatches through the ring. `backward(root)`: the optimizer's backward,
         called once with a root whose gradient is the step's (DeepSpeed counts its calls); None:
         the gradients are added to the parameters' `.grad` as the passes' backwards make them
-        (no second copy of the gradients)."""
+        (no second copy of the gradients). `ce_fn(logits, labels)`: the last stage's CE (the
+        engine's vocab-parallel one under tensor parallelism); the rest of the microbatch's
+        objective is `stars.objective.Objective`'s, as on one process."""
         ps, P = self.ps, self.ps.pp
+        objective = Objective(stars, step, self.model.cfg.kernels, ce_fn)
         plan = pass_plan(depth, stars, step)
         grads, iters = tuple(p.grad for p in plan), tuple(p.kind == "iter" for p in plan)
         order = build(P, len(batches), grads, iters, self.schedule)
@@ -253,7 +263,7 @@ class LoopPipeline:
         net = self._channels(order, plan, mbs)
         meter = HeldBytes(self.model) if self.measure else None
         acc: dict[nn.Parameter, torch.Tensor] | None = {} if backward is not None else None
-        run = _Step(self, plan, mbs, net, meter, acc, stars, step, seed, loss_scale, dtype)
+        run = _Step(self, plan, mbs, net, meter, acc, objective, seed, loss_scale, dtype)
         run.open()
         for task in mine:
             (run.forward if task.op == "F" else run.backward)(task)
@@ -267,10 +277,7 @@ class LoopPipeline:
         self.stats = stats
         if not self.last:
             return []
-        return [MicroResult(loss=float(mb.loss.detach()), ce=float(mb.ce.detach()),
-                            penalty=None if mb.est is None else float(mb.est.penalty.detach()),
-                            rho=None if mb.est is None else float(mb.est.rho),
-                            tokens=mb.batch["input_ids"].numel()) for mb in mbs]
+        return [objective.result(mb.loss, mb.ce, mb.est, mb.batch["input_ids"].numel()) for mb in mbs]
 
     def _micro(self, index: int, b: dict, mi: int, stars: StarsConfig, step: int, seed: int, fd: bool,
                backwards: int) -> _Micro:
@@ -308,11 +315,11 @@ class _Step:
     """One step's tasks on this stage (the state `LoopPipeline.forward_backward` threads through)."""
 
     def __init__(self, pipe: LoopPipeline, plan, mbs, net: Channels, meter: HeldBytes | None, acc: dict,
-                 stars: StarsConfig, step: int, seed: int, loss_scale: float, dtype: str):
+                 objective: Objective, seed: int, loss_scale: float, dtype: str):
         self.pipe, self.model, self.ps = pipe, pipe.model, pipe.ps
         self.plan, self.mbs, self.net, self.meter, self.acc = plan, mbs, net, meter, acc
-        self.stars, self.step, self.seed, self.loss_scale, self.dtype = stars, step, seed, loss_scale, dtype
-        self.on = penalty_active(stars, step)
+        self.objective, self.step = objective, objective.step
+        self.seed, self.loss_scale, self.dtype = seed, loss_scale, dtype
         self.weight: torch.Tensor | None = None  # last stage, tied head: the embedding weight, a leaf
 
     def _record(self, owner):
@@ -382,7 +389,7 @@ class _Step:
         if p.kind == "iter":
             with torch.set_grad_enabled(p.grad):
                 return self.model.loop_step(x, e)
-        with fd_evaluation(p.grad), without_checkpointing(self.model):
+        with self.objective.evaluation(p.grad), without_checkpointing(self.model):
             return core_map(self.model, e, mb.probe.seed)(x)
 
     def _input(self, mb: _Micro, k: int):
@@ -419,11 +426,10 @@ class _Step:
             if p.kind == "iter":
                 with torch.set_grad_enabled(True):
                     logits = self.model.decode(out)
-                    mb.ce = vocab_parallel_ce(logits, mb.batch["labels"].to(self.ps.device), self.ps.tp,
-                                              self.model.cfg.kernels, self.ps.tp_group)
+                    mb.ce = self.objective.ce(logits, mb.batch["labels"].to(self.ps.device))
                 if mb.probe is None:
                     return None
-                mb.fd = fd_penalty(mb.probe.select(out.detach()), self.stars, create_graph=self.on, generator=mb.gen)
+                mb.fd = self.objective.fd_iteration(mb.probe.select(out.detach()), mb.gen)
             else:
                 mb.fd.take(out)
             return mb.fd.point()
@@ -432,7 +438,7 @@ class _Step:
         """Last stage, after the microbatch's last pass: the loss and its gradients for the passes'
         outputs (and the tied weight, summed over the step)."""
         mb.est = mb.fd.result() if mb.fd is not None else None
-        mb.loss = combine_loss(mb.ce, mb.est.penalty if (mb.est is not None and self.on) else None, self.stars)
+        mb.loss = self.objective.loss(mb.ce, mb.est)
         ks = sorted(mb.leaves)
         leaves = [mb.leaves[k] for k in ks] + ([self.weight] if self.weight is not None else [])
         got = self._grad([mb.loss * self.loss_scale], None, leaves)

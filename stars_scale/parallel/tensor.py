@@ -261,10 +261,10 @@ def vocab_parallel_ce(logits: torch.Tensor, labels: torch.Tensor, tp: int, kerne
                       group=None) -> torch.Tensor:
     """Mean token cross entropy over labels != IGNORE; logits are vocab-parallel when tp > 1 (over
     `group`). With model.kernels allowing it on these logits: the fused in-place kernel."""
-    if kernels.fused(kernels_mode, logits):
-        return kernels.cross_entropy(logits, labels, IGNORE, group=group if tp > 1 else None)
     if tp == 1:
-        return token_ce(logits, labels)
+        return token_ce(logits, labels, kernels_mode)
+    if kernels.fused(kernels_mode, logits):
+        return kernels.cross_entropy(logits, labels, IGNORE, group=group)
     flat = logits.float().flatten(0, -2)
     target = labels.flatten()
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy

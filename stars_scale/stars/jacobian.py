@@ -142,7 +142,7 @@ def _jvp_graph(fn: Fn, h: torch.Tensor, v: torch.Tensor, iters: int, normalize: 
 
 
 @contextlib.contextmanager
-def fd_evaluation(grad: bool, precision: str = "fp32"):
+def fd_evaluation(grad: bool, precision: str):
     """The context of one evaluation of the map for the `fd` estimator (wherever it runs: here, or
     spread over pipeline stages): with a graph only where the estimate needs one, and in fp32
     under a bf16/fp16 autocast unless precision="autocast"."""
@@ -159,7 +159,7 @@ class FiniteDifference:
     it (`_fd` here, a pipeline schedule across stages) runs this one implementation:
 
         while (x := it.point()) is not None:
-            with fd_evaluation(it.grad):
+            with fd_evaluation(it.grad, it.precision):
                 it.take(fn(x))
         estimate = it.result()
 
@@ -167,7 +167,7 @@ class FiniteDifference:
     """
 
     def __init__(self, h: torch.Tensor, v: torch.Tensor, iters: int, create_graph: bool, normalize: str,
-                 eps: float | None, *, precision: str = "fp32", kernels: str = "auto"):
+                 eps: float | None, *, precision: str, kernels: str):
         self.precision, self.kernels = precision, kernels
         fp32 = probe_in_fp32(precision, h.device.type)  # then ε, x and v are fp32 too
         self.x = h.detach().float() if fp32 else h.detach()
@@ -287,11 +287,3 @@ def row_subset(fraction: float, generator: torch.Generator | None, rows: int) ->
         return None
     return torch.randperm(rows, generator=generator)[:max(1, math.ceil(fraction * rows))]
 
-
-def sample_rows(fraction: float, generator: torch.Generator | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The same random subset of batch rows (sequences) from each tensor; all rows at 1.0."""
-    idx = row_subset(fraction, generator, tensors[0].shape[0])
-    if idx is None:
-        return tensors
-    idx = idx.to(tensors[0].device)
-    return tuple(t.index_select(0, idx) for t in tensors)

@@ -37,7 +37,7 @@ def core_map(model, e: torch.Tensor | None, seed: int | None = None):
     seed gives the same masks in every `core_map` made with it, on every stage.
 
     On a pipeline stage `model` is the stage's part of the model and `core_step` its part of the
-    map (`e` is None after the first stage), so the stages evaluate the map with this same code."""
+    map, so the stages evaluate the map with this same code."""
     if seed is None or not (model.training and model.cfg.dropout > 0):
         return lambda h: model.core_step(h, e)
     masks = DropoutMasks(seed)
@@ -82,13 +82,13 @@ def core_map_penalty(model, state: torch.Tensor, embedded: torch.Tensor, cfg: St
                                 vjp_graph=cfg.vjp_graph)
 
 
-def fd_penalty(h: torch.Tensor, cfg: StarsConfig, *, create_graph: bool,
-               generator: torch.Generator | None) -> FiniteDifference:
+def fd_penalty(h: torch.Tensor, cfg: StarsConfig, *, create_graph: bool, generator: torch.Generator | None,
+               kernels: str) -> FiniteDifference:
     """The `fd` estimate at h (already `Probe.select`ed) as a sequence of evaluations, for a caller
     that evaluates the map itself (the pipeline, across its stages); the direction is drawn from
-    `generator` after the probe, as `core_map_penalty` draws it."""
+    `generator` after the probe, as `core_map_penalty` draws it. `kernels`: the model's mode."""
     return FiniteDifference(h, random_direction(h, generator, cfg.normalize), cfg.iters, create_graph,
-                            cfg.normalize, cfg.fd_eps, precision=cfg.probe_precision)
+                            cfg.normalize, cfg.fd_eps, precision=cfg.probe_precision, kernels=kernels)
 
 
 def combine_loss(ce: torch.Tensor, penalty: torch.Tensor | None, cfg: StarsConfig) -> torch.Tensor:

@@ -165,10 +165,6 @@ class MlflowTracker:
             self._call(lambda chunk=items[i:i + 100]: self.client.log_batch(self.run_id, params=chunk),
                        "log_params")
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self._call(lambda k=k, v=v: self.client.set_tag(self.run_id, k, str(v)), "set_tag")
-
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path), "log_artifact")
 

@@ -1,4 +1,5 @@
-"""The training loop: depth sampling, CE + λ·penalty, AdamW, checkpoints, tracking, evaluation.
+"""The training loop: depth sampling, the STARS objective ((1−λ)·CE + λ·P by default,
+`stars.combine`; stars/objective.py), AdamW, checkpoints, tracking, evaluation.
 
 One Trainer for every layout: what differs by layout (process groups, the model's parallel
 form, the forward-backward of a step, the optimizer/ZeRO step, checkpoint shards) is the
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 
+from stars_scale import checkpoint as ckpt
 from stars_scale.config import RunConfig, load_config, save_config
 from stars_scale.data.sources import build_eval_batch, build_train_source
 from stars_scale.errors import UserError
@@ -34,10 +36,8 @@ from stars_scale.parallel.compile import apply_compile
 from stars_scale.parallel.engine import Engine
 from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
-from stars_scale.train import checkpoint as ckpt
 from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.nonfinite import NonFiniteGuard
-from stars_scale.train.step import split_microbatches
 from stars_scale.utils import flatten_dict
 
 
@@ -48,6 +48,14 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None
     except Exception:
         return None
+
+
+def split_microbatches(batch: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """`n` equal microbatches of consecutive rows (the batch's rows must divide by n)."""
+    rows = batch["input_ids"].shape[0]
+    if rows % n:
+        raise ValueError(f"a batch of {rows} rows does not split into {n} microbatches")
+    return [{k: v[i * rows // n:(i + 1) * rows // n] for k, v in batch.items()} for i in range(n)]
 
 
 class PreemptionFlag:
@@ -92,7 +100,7 @@ class Trainer:
         self.model = engine.parallelize(self._build_model())  # the full model from the seed, then this rank's part
         self.source = build_train_source(cfg, engine.ps.dp_rank, engine.ps.dp)
         self.sampler = DepthSampler(cfg.depth, cfg.seed)
-        self.scheduler = engine.build_optimizer()
+        engine.build_optimizer()
         self.step = 0
         self.tokens_seen = 0
         self.run_id: str | None = None
@@ -266,7 +274,7 @@ class Trainer:
                 save_config(cfg, tmp / "config.yaml")
 
         state = json.loads(json.dumps({  # a copy: the schedule moves on
-            "step": step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+            "step": step, "tokens_seen": self.tokens_seen, "scheduler": engine.scheduler.state_dict(),
             "data": self.source.state_dict(), "mlflow_run_id": self.run_id, "layout": engine.layout(),
             "run": self.run_identity(), "time": time.time()}))
         barrier = engine.checkpoint_barrier if copy else engine.barrier

@@ -10,8 +10,8 @@ import torch
 from stars_scale.config import config_from_dict
 from stars_scale.model.looped import LoopedLM
 from stars_scale.stars.depth import Depth
-from stars_scale.train.optim import build_optimizer
-from stars_scale.train.step import forward_backward
+from stars_scale.parallel.optim import build_optimizer
+from stars_scale.stars.objective import forward_backward
 
 CFG = {"model": {"vocab_size": 512, "hidden": 256, "heads": 4, "kv_heads": 2, "mlp": "swiglu", "norm": "rmsnorm",
                  "positions": "rope", "max_seq_len": 128, "n_prelude": 1, "n_core": 2, "n_coda": 1,

@@ -2,7 +2,9 @@
 
 `spawn(fn, world, *args)` starts `world` processes with the torchrun environment set, runs
 `fn(rank, world, *args)` in each, and returns every rank's return value (or raises with the
-failing rank's traceback). Used by tests/test_parallel_*.py and bench/pipeline_schedule.py.
+failing rank's traceback). `fn` must be importable by the spawned ranks (a module-level function
+of a test module or of this one). Used by the multi-rank tests and bench/pipeline_schedule.py,
+bench/zero_memory.py (which put tests/ on sys.path).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def spawn(fn, world: int, *args, timeout: float | None = None) -> list:
 
 def fail_saves_of(monkeypatch, checkpoint_name: str) -> None:
     """Make `dcp.save` raise ENOSPC for one checkpoint (tests of failed saves)."""
-    from stars_scale.parallel import dcp
+    from stars_scale.checkpoint import dcp
 
     real = dcp.save
 

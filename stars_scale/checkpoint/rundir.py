@@ -1,11 +1,11 @@
-"""Atomic, verifiable, resumable checkpoints that never execute code on load.
+"""The run directory's checkpoints: atomic, verifiable, resumable, never executing code on load.
 
 Layout of a run directory:
 
     DIR/config.yaml                      resolved config of the run
     DIR/metrics.jsonl                    one JSON object per logged step
     DIR/checkpoints/step_00000020/       one complete checkpoint
-        dcp/                             model and optimizer: every rank's pieces (parallel/dcp.py)
+        dcp/                             model and optimizer: every rank's pieces (checkpoint/dcp.py)
         ranks/rank_00000.json            per rank: RNG, data position
         trainer_state.json  config.yaml
         manifest.json                    written last: every file's size and sha256
@@ -13,9 +13,9 @@ Layout of a run directory:
     on the layout that wrote them)
     DIR/checkpoints/latest               name of the newest complete checkpoint
 
-Safety. Tensor files are read with `torch.load(weights_only=True)`: PyTorch's restricted unpickler
-builds tensors, containers and numbers only, plus the globals named in an explicit allow-list, so a
-file holding a pickle payload is refused instead of run. Trainer state is JSON.
+Safety. Tensor files are read by `checkpoint.files` (`torch.load(weights_only=True)` with an
+explicit allow-list), DCP's metadata by `checkpoint.dcp`'s restricted unpickler; trainer and rank
+state is JSON.
 
 Integrity. A checkpoint is written into a hidden temporary directory; `manifest.json` is written
 last, then the directory is renamed into place, so a crash never leaves a half checkpoint under a
@@ -32,7 +32,7 @@ and a retry at the next interval, and stops after `train.max_failed_saves` failu
 """
 from __future__ import annotations
 
-import io
+import base64
 import json
 import os
 import re
@@ -40,24 +40,21 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from stars_scale.checkpoint.files import CheckpointError
 from stars_scale.errors import UserError
 from stars_scale.utils import _fsync_dir, atomic_write_text, sha256_file
 
 STATE_FILE = "trainer_state.json"
+RANKS_DIR = "ranks"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _STALE_RE = re.compile(r"^\.(step_\d{8}\.(tmp|old|deleting)|latest\..*\.tmp)$")
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, incomplete, corrupt or unsafe. The message names the file."""
 
 
 class CheckpointSaveError(UserError):
@@ -380,51 +377,6 @@ class AsyncSave:
             raise error
 
 
-class RecordingFile(io.FileIO):
-    """torch.save reports a failed write as a RuntimeError without the cause; keep the OSError."""
-
-    error: OSError | None = None
-
-    def write(self, b) -> int:
-        try:
-            return super().write(b)
-        except OSError as e:
-            self.error = e
-            raise
-
-
-def _tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of the distinct tensor storages in `obj` (tied weights counted once)."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        storage = obj.untyped_storage()
-        if storage.data_ptr() in seen:
-            return 0
-        seen.add(storage.data_ptr())
-        return storage.nbytes()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v, seen) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v, seen) for v in obj)
-    return 0
-
-
-def save_tensor_file(obj: Any, path: Path) -> None:
-    """torch.save + fsync; a failed write raises the OSError (ENOSPC, EFBIG, EIO) with the bytes needed."""
-    f = RecordingFile(path, "wb")
-    try:
-        with f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except (OSError, RuntimeError) as e:
-        cause = f.error if f.error is not None else e
-        if isinstance(cause, OSError):
-            raise OSError(cause.errno, f"{cause.strerror}; writing {Path(path).name} needs about "
-                                       f"{_tensor_bytes(obj)} bytes") from None
-        raise
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -443,36 +395,39 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def load_tensor_file(path: Path, allow: Iterable[Any] = ()) -> Any:
-    """Load a tensor file without running code: `torch.load(weights_only=True)`.
+# --------------------------------------------------------------------------- per-rank state
 
-    `allow` names the extra globals (classes, functions) the file may reference; anything else in
-    the pickle is refused with one line naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing from the checkpoint")
-    allow = list(allow)
-    ctx = torch.serialization.safe_globals(allow) if allow else nullcontext()
+
+def rank_state_text(rank: int, dp_rank: int, layout: dict, rng: torch.Tensor, data: Any) -> str:
+    """ranks/rank_N.json of one rank: its RNG state (base64) and data position, and the layout."""
+    return json.dumps({"rank": rank, "dp_rank": dp_rank, "layout": layout,
+                       "rng": base64.b64encode(rng.numpy().tobytes()).decode(), "data": data}) + "\n"
+
+
+def write_rank_state(ckpt: Path, rank: int, text: str) -> None:
+    (ckpt / RANKS_DIR).mkdir(exist_ok=True)
+    atomic_write_text(ckpt / RANKS_DIR / f"rank_{rank:05d}.json", text)
+
+
+def read_rank_state(ckpt: Path, rank: int, dp_rank: int) -> dict:
+    """{"rng", "data"} for `rank` of the loading layout: from the saved rank of the same
+    data-parallel rank (itself if it was saved), else rank 0's."""
+    saved = {}
+    for f in sorted((ckpt / RANKS_DIR).glob("rank_*.json")):
+        try:
+            d = json.loads(f.read_text())
+            saved[int(d["rank"])] = d
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{f}: unreadable rank state ({type(e).__name__}: {e})") from None
+    same = [d for d in saved.values() if d.get("dp_rank") == dp_rank]
+    pick = saved.get(rank) if saved.get(rank) in same else (same[0] if same else saved.get(0))
+    if pick is None:
+        raise UserError(f"{ckpt / RANKS_DIR}: no rank_00000.json")
     try:
-        with ctx:
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated, foreign or unsafe file
-        msg = str(e)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
-            first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), "").split(". ")[0]
-            raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data, "
-                                  f"which could run code on load ({first[:160]})") from None
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint file "
-                              f"({type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''})") from None
-
-
-def check_tensor_files(d: Path, allow: Iterable[Any] = ()) -> None:
-    """Before a library that unpickles with `weights_only=False` (DeepSpeed) reads the `*.pt` files
-    under `d`: load each with the restricted unpickler and `allow`, so a file that would build
-    anything else is refused here, in one line, before it can run."""
-    for f in sorted(Path(d).rglob("*.pt")):
-        load_tensor_file(f, allow)
+        rng = torch.frombuffer(bytearray(base64.b64decode(pick["rng"], validate=True)), dtype=torch.uint8)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{ckpt / RANKS_DIR}: rank {pick.get('rank')}: bad 'rng' ({e})") from None
+    return {"rng": rng, "data": pick.get("data")}
 
 
 # --------------------------------------------------------------------------- the run's metrics log

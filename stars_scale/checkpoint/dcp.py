@@ -10,7 +10,7 @@ coordinates of the plain one-process `LoopedLM` ("logical"):
 
 A piece is a box (offsets, sizes) of the logical tensor and the local tensor view holding it:
 a tensor-parallel shard is one box per `partition_stride` part (vocabulary padding cut off),
-a pipeline stage holds its blocks under their full-model indices (`consolidate.full_name`), and a
+a pipeline stage holds its blocks under their full-model indices (`full_name`), and a
 ZeRO partition (a flat range of the parameter) is split into at most three boxes per dimension
 (part of a row, whole rows, part of a row). Replicas (data parallel, replicated norms) report
 the same box and DCP writes it once. DCP's planner matches the saved boxes against the boxes the
@@ -28,6 +28,7 @@ import io
 import math
 import pathlib
 import pickle
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,31 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from stars_scale.checkpoint.files import RecordingFile, load_tensor_file
 from stars_scale.errors import UserError
-from stars_scale.parallel.consolidate import full_name, reference_shapes
-from stars_scale.train.checkpoint import RecordingFile
+from stars_scale.model.looped import LoopedLM
 
 DCP_DIR = "dcp"
 Box = tuple[tuple[int, ...], tuple[int, ...]]
+_CORE = re.compile(r"^core\.(\d+)\.")
+
+
+# --------------------------------------------------------------------------- logical names
+
+
+def full_name(local: str, core_offset: int) -> str:
+    """The single-device name of a parameter of this rank's part of the model: a pipeline stage's
+    core block i is block i + core_offset of the full model; a tensor-parallel layer's `.inner.`
+    is dropped."""
+    name = local.replace(".inner.", ".")
+    return _CORE.sub(lambda m: f"core.{int(m.group(1)) + core_offset}.", name)
+
+
+def reference_shapes(model_cfg) -> dict[str, torch.Size]:
+    """The single-device model's tensors and their shapes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        ref = LoopedLM(model_cfg)
+    return {k: v.shape for k, v in ref.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- logical tensors
@@ -359,8 +379,6 @@ def read_model_state(ckpt: Path, model_cfg) -> dict[str, torch.Tensor]:
     torchrun): from DCP's shards (any layout), or from the `model.pt` of older checkpoints."""
     ckpt = Path(ckpt)
     if not (ckpt / DCP_DIR).is_dir():
-        from stars_scale.train.checkpoint import load_tensor_file
-
         if not (ckpt / "model.pt").is_file():
             raise UserError(f"{ckpt}: neither {DCP_DIR}/ nor model.pt (not a training checkpoint)")
         return dict(load_tensor_file(ckpt / "model.pt"))

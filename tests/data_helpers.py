@@ -1,6 +1,4 @@
 """Shared helpers for the data tests: tiny corpora, tiny tokenizers, datasets, shard surgery.
-
-(No tests here; the name only keeps it among the data tests' files.)
 """
 from __future__ import annotations
 
