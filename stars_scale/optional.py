@@ -3,6 +3,7 @@ missing is refused in one line (exit 2) before the model is built, never a trace
 
 - `data.kind: shards` reads WebDataset tar shards: webdataset (and braceexpand, which it imports);
 - `model.attention: flash`: flash-attn, importable (a broken CUDA build counts as missing);
+- `eval.depths` (the depth sweep at the end of training): matplotlib, for its plot;
 - `stars-eval lm`: lm-evaluation-harness (`stars_scale.eval.lm_harness` refuses at import);
 - MLflow tracking: the store the config names (`stars_scale.tracking.check_tracking`, which uses
   `missing` from here).
@@ -44,3 +45,6 @@ def check_run_dependencies(cfg) -> None:
         if not flash_available():
             raise UserError("model.attention: flash needs flash-attn, not importable here (pip install "
                             "'stars_scale[flash]' on a CUDA machine, or set model.attention: auto)")
+    if cfg.eval.depths and missing("matplotlib"):
+        raise UserError("eval.depths needs matplotlib for the depth-scaling plot written at the end of the run, "
+                        "not installed here (pip install matplotlib, or set eval.depths: [])")

@@ -72,6 +72,13 @@ def test_flash_attention_without_flash_attn_refused_before_the_model(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_depth_sweep_without_matplotlib_refused_before_the_model(tmp_path):
+    cfg = config(tmp_path, eval={"depths": [1, 2]})
+    res = cli("stars_scale.cli.train", ["--config", str(cfg), "--out", "run"], tmp_path, ("matplotlib",))
+    assert "eval.depths needs matplotlib" in one_error_line(res)
+    assert not (tmp_path / "run").exists()
+
+
 def test_stars_eval_lm_without_lm_eval_refused_first(tmp_path):
     # the checkpoint does not exist: the missing package is named before anything is read
     res = cli("stars_scale.cli.eval", ["lm", "--checkpoint", str(tmp_path / "nothing"), "--tasks", "x"], tmp_path,
