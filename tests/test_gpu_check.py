@@ -166,8 +166,9 @@ def test_check_sh_cpu_runs_the_real_trainer_and_writes_the_json_report(tmp_path)
     assert train["tokens_per_s"] > 0 and 0 < train["mfu"] < 1 and train["peak_memory"]["max_rss_bytes"] > 0
     assert train["rho_last"] is not None  # the STARS penalty's estimate is on
     # resume: step N+2 in one process vs resumed from the checkpoint of N+1: the same loss
-    assert ph["resume2"]["returncode"] == -signal.SIGKILL  # killed once its step was logged: no checkpoint
-    assert ph["resume2"]["peak_memory"]["max_rss_bytes"] > 0  # written on SIGUSR2 first
+    # killed once its step was logged (a tiny run may have finished by the next poll)
+    assert ph["resume2"]["returncode"] in (0, -signal.SIGKILL)
+    assert ph["resume2"]["peak_memory"]["max_rss_bytes"] > 0  # on SIGUSR2 before the kill, or at exit
     res = summ["resume"]
     assert res["step"] == n + 2 and res["from_checkpoint"] == f"step_{n + 1:08d}"
     assert res["loss_equal"] and res["same_depth"] and res["same_tokens"]

@@ -178,7 +178,9 @@ def run_step(cmd: list[str], limit: float, env: dict, *, stop_when=None, stop_si
             time.sleep(0.5)
     out = log.read_text(errors="replace")
     sys.stdout.write(out[-4000:])
-    by_stop = stopped and stop_signal == signal.SIGKILL and p.returncode == -signal.SIGKILL
+    # killed by the stop condition: SIGKILL, or SIGUSR2 itself when it reached a process already past
+    # main (its handler gone at interpreter shutdown)
+    by_stop = stopped and stop_signal == signal.SIGKILL and p.returncode in (-signal.SIGKILL, -signal.SIGUSR2)
     ok = (p.returncode == 0 or by_stop) and not killed
     status = "ok" if ok else ("timeout" if killed or deadline else "failed")
     res = {"status": status, "returncode": p.returncode, "seconds": round(time.monotonic() - t0, 1),
