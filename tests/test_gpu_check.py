@@ -157,6 +157,7 @@ def test_check_sh_cpu_runs_the_real_trainer_and_writes_the_json_report(tmp_path)
         if "limit_s" in ph[k]:
             assert ph[k]["seconds"] <= ph[k]["limit_s"] + 1
     assert rep["environment"]["torch"] and "cuda_available" in rep["environment"]
+    assert summ["kernels"].startswith("torch")  # no build on CPU
     assert ph["data"]["manifest"]["seq_len"] == 16 and ph["data"]["manifest"]["vocab_size"] <= 512
     # train: the real trainer (stars-train's main), stopped by SIGTERM with a checkpoint
     train = summ["train"]
@@ -166,8 +167,9 @@ def test_check_sh_cpu_runs_the_real_trainer_and_writes_the_json_report(tmp_path)
     assert train["tokens_per_s"] > 0 and 0 < train["mfu"] < 1 and train["peak_memory"]["max_rss_bytes"] > 0
     assert train["rho_last"] is not None  # the STARS penalty's estimate is on
     # resume: step N+2 in one process vs resumed from the checkpoint of N+1: the same loss
-    # killed once its step was logged (a tiny run may have finished by the next poll)
-    assert ph["resume2"]["returncode"] in (0, -signal.SIGKILL)
+    # killed once its step was logged (a tiny run may have finished by the next poll, or be past
+    # main when SIGUSR2 arrives, its handler gone at interpreter shutdown: after its atexit report)
+    assert ph["resume2"]["returncode"] in (0, -signal.SIGKILL, -signal.SIGUSR2)
     assert ph["resume2"]["peak_memory"]["max_rss_bytes"] > 0  # on SIGUSR2 before the kill, or at exit
     res = summ["resume"]
     assert res["step"] == n + 2 and res["from_checkpoint"] == f"step_{n + 1:08d}"

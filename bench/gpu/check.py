@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return res
 
     data_ok = phases["data"]["status"] == "ok"
-    summary: dict = {}
+    summary: dict = {"kernels": "cuda (csrc/ built)" if built else "torch (csrc/ not built: see phases.build)"}
     report["summary"] = summary
     run = out / "run"
     for d in (run, out / "run_resumed", out / "run_compile"):
