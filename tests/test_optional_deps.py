@@ -55,14 +55,12 @@ def test_shards_without_webdataset_or_braceexpand_refused_before_the_model(tmp_p
                      "--blocks-per-shard", "16", "--out", str(tmp_path / "arith"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     cfg = config(tmp_path, data={"kind": "shards", "path": str(tmp_path / "arith"), "digits": 2})
-    for blocked, named in ((("webdataset",), "webdataset"), (("braceexpand",), "braceexpand"),
-                           (("webdataset", "braceexpand"), "webdataset and braceexpand")):
-        res = cli("stars_scale.cli.train", ["--config", str(cfg), "--out", "run"], tmp_path, blocked)
+    # (training on such shards with both installed: test_train_shards.py)
+    for blocked in ("webdataset", "braceexpand"):
+        res = cli("stars_scale.cli.train", ["--config", str(cfg), "--out", "run"], tmp_path, (blocked,))
         line = one_error_line(res)
-        assert f"data.kind: shards needs {named}, not installed" in line, line
+        assert f"data.kind: shards needs {blocked}, not installed" in line, line
         assert not (tmp_path / "run").exists()  # nothing was started
-    ok = cli("stars_scale.cli.train", ["--config", str(cfg), "--out", "run"], tmp_path)  # the same run, installed
-    assert ok.returncode == 0, ok.stderr[-3000:]
 
 
 def test_flash_attention_without_flash_attn_refused_before_the_model(tmp_path):
