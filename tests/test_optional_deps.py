@@ -111,12 +111,33 @@ def test_untracked_run_says_so_once_and_trains(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_required_tracking_against_a_dead_server_refused_when_tracking_starts(tmp_path):
-    """Packages present, server down: the tracker cannot open; required -> one line, exit 2."""
+def test_required_tracking_against_a_dead_server_refused_before_any_work(tmp_path):
+    """Packages present, the server's port closed: required -> one line, exit 2, nothing started."""
     cfg = config(tmp_path, tracking={"mlflow": True, "tracking_uri": "http://127.0.0.1:9", "required": True})
     res = cli("stars_scale.cli.train", ["--config", str(cfg), "--out", "run"], tmp_path)
     line = one_error_line(res)
     assert "tracking.required: true, but MLflow cannot start: MLflow at http://127.0.0.1:9" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_required_tracking_refused_when_the_tracker_cannot_open(tmp_path, monkeypatch):
+    """What the preflight cannot see (a server that accepts the connection but fails, a store MLflow
+    refuses): start_tracker refuses under required, else says once that the run is untracked."""
+    import pytest
+
+    from stars_scale.config import TrackingConfig
+    from stars_scale.errors import UserError
+    from stars_scale.tracking import start
+
+    def broken(*a, **k):
+        raise RuntimeError("500 Internal Server Error\nretry later")
+
+    monkeypatch.setattr(start, "MlflowTracker", broken)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(UserError, match="tracking.required: true, but MLflow cannot start: MLflow at .* did not start "
+                                        r"\(RuntimeError: 500 Internal Server Error retry later\)"):
+        start.start_tracker(TrackingConfig(tracking_uri=uri, required=True), tmp_path / "m.jsonl")
+    assert start.start_tracker(TrackingConfig(tracking_uri=uri), tmp_path / "m.jsonl") is None
 
 
 def test_required_needs_mlflow_on(tmp_path):

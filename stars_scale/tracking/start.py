@@ -1,7 +1,8 @@
 """Starting a run's tracking: refuse in one line, or say once, loudly, that the run is untracked.
 
 `check_tracking(cfg.tracking)` runs before any work (stars-train's preflight): with
-`tracking.required: true` a store MLflow cannot open here is refused at once. `start_tracker`
+`tracking.required: true` a store MLflow cannot open here (a missing package, a server whose port
+refuses connections) is refused at once. `start_tracker`
 opens the run's tracker when training starts; when it cannot (a missing package, an unreachable
 server, a store MLflow refuses) it raises a UserError under `tracking.required: true`, else prints
 one WARNING line naming why and where the metrics go instead, and returns None.
@@ -17,7 +18,7 @@ from urllib.parse import urlsplit
 
 from stars_scale.errors import UserError
 from stars_scale.optional import missing
-from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
+from stars_scale.tracking.mlflow_tracker import MlflowTracker, _is_remote, _probe, default_tracking_uri
 
 # URI schemes MLflow serves through its SQLAlchemy store (a `+driver` suffix allowed).
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
@@ -41,10 +42,17 @@ def store_problem(uri: str) -> str | None:
 
 
 def check_tracking(t) -> None:
-    """Preflight of the `tracking` section: refuse now what `start_tracker` would refuse later."""
+    """Preflight of the `tracking` section under `tracking.required: true`: a missing package, or a
+    remote server whose port refuses connections, is refused now rather than after the model is built."""
     if not (t.mlflow and t.required):
         return
-    why = store_problem(default_tracking_uri(t.tracking_uri))
+    uri = default_tracking_uri(t.tracking_uri)
+    why = store_problem(uri)
+    if why is None and _is_remote(uri):
+        try:
+            _probe(uri, 3.0)
+        except ConnectionError as e:
+            why = f"MLflow at {uri} did not start (ConnectionError: {e})"
     if why:
         raise UserError(f"tracking.required: true, but MLflow cannot start: {why}")
 
