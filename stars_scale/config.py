@@ -297,8 +297,11 @@ class TrackingConfig:
     run_name: Optional[str] = None
     system_metrics: bool = False  # CPU/GPU/memory/network per node, sampled by MLflow
     system_metrics_interval: float = 10.0
+    # true: a run whose MLflow store cannot start is refused; false: it runs untracked and says so once
+    required: bool = False
 
     def validate(self, at: str = "tracking") -> None:
+        _require(self.mlflow or not self.required, f"{at}.required", "true needs tracking.mlflow: true")
         _range(self, at, 0.1, 86400.0, "system_metrics_interval")
         _require(bool(self.experiment.strip()), f"{at}.experiment", "must be a non-empty name")
 

@@ -372,3 +372,38 @@ def test_disk_full_on_a_small_tmpfs(tmp_path, cfg_file):
         assert not list((mnt / "r" / "checkpoints").glob(".*"))  # the half-written temporary is gone
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+class Opaque:
+    """An arbitrary object pickled into a tensor file (a pickled model class, an optimizer...)."""
+
+
+@pytest.mark.parametrize("write,named", [
+    (lambda p, m: torch.save({"w": torch.zeros(2), "obj": Opaque()}, p), f"{__name__}.Opaque"),
+    (lambda p, m: torch.save({"w": Payload(m)}, p, _use_new_zipfile_serialization=False), "io.open"),
+    (lambda p, m: p.write_bytes(pickle.dumps({"w": Payload(m)}, protocol=4)), "io.open"),
+], ids=["torch.save-object", "legacy-format-payload", "plain-pickle-payload"])
+def test_refused_tensor_file_names_the_object_it_refused(tmp_path, write, named):
+    path, marker = tmp_path / "model.pt", tmp_path / "marker"
+    write(path, str(marker))
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.load_tensor_file(path)
+    msg = str(e.value)
+    assert "refused: it holds Python objects" in msg and msg.endswith(f"(refused: {named})"), msg
+    assert not marker.exists()
+
+
+def test_refusal_names_the_object_whatever_torch_says(tmp_path, monkeypatch):
+    """torch's wording differs by version (2.11's message has no 'Unsupported' line, which left an
+    empty '()'): the name comes from the file itself, read without unpickling."""
+    path, marker = tmp_path / "model.pt", tmp_path / "marker"
+    torch.save({"w": Payload(str(marker))}, path)
+
+    def load(*a, **k):
+        raise pickle.UnpicklingError("Weights only load failed. Re-running `torch.load` with `weights_only` set to "
+                                     "`False` will likely succeed.\nWeightsUnpickler error: \n\nsomething else")
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(ckpt.CheckpointError, match=r"which could run code on load \(refused: io\.open\)$"):
+        ckpt.load_tensor_file(path)
+    assert not marker.exists()

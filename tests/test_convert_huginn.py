@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from stars_scale.cli.convert import main as convert_main
 from stars_scale.convert import export_checkpoint, import_checkpoint, load_converted, load_converted_run
+from stars_scale.errors import UserError
 from stars_scale.model.looped import LoopedLM
 
 H, HEADS, INTER, VOCAB, T_MAX = 32, 4, 48, 64, 32
@@ -330,3 +334,149 @@ def test_exported_huginn_greedy_tokens_match_raven_reference(tmp_path):
     res = generate(model, ids, max_new_tokens=n_new, depth=depth)
     assert len(set(seq[:, 6:].flatten().tolist())) > 2
     assert torch.equal(res.tokens, seq)
+
+
+# ---------------------------------------------------------------- what upstream runs, from its config.json
+
+
+def upstream_forward(config: dict, w: dict, ids, x0, steps):
+    """RavenForCausalLM's forward as upstream builds it from config.json (seal-rg/recurrent-pretraining,
+    recpre/raven_modeling_minimal.py): heads from n_heads, k/v heads from num_key_value_heads, the fused
+    Wqkv split [n_embd, kv*hd, kv*hd], qk_bias when config says so, SDPA called without enable_gqa (no
+    grouped-query path: fewer k/v heads fail there), embeddings times sqrt(n_embd) whatever
+    init_values.embed_scale says (`emb_scale` is derived from n_embd alone), ln_f used twice."""
+    E, heads = config["n_embd"], config["n_heads"]
+    kv, hd, eps = config.get("num_key_value_heads", heads), E // heads, config["norm_eps"]
+
+    def block(p, x, fc):
+        B, S, _ = x.shape
+        y = _rms(x, w[f"{p}.norm_1.weight"], eps)
+        q, k, v = (y @ w[f"{p}.attn.Wqkv.weight"].T).split([E, kv * hd, kv * hd], dim=2)
+        q, k, v = q.view(B, S, heads, hd), k.view(B, S, kv, hd), v.view(B, S, kv, hd)
+        if config.get("qk_bias", True):
+            qb, kb = w[f"{p}.attn.qk_bias"].split(1, dim=0)
+            q, k = q + qb, k + kb
+        q, k = _rope_complex_like(q, k, fc)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        x = _rms(a.transpose(1, 2).reshape(B, S, E) @ w[f"{p}.attn.proj.weight"].T + x, w[f"{p}.norm_2.weight"], eps)
+        g, u = (_rms(x, w[f"{p}.norm_3.weight"], eps) @ w[f"{p}.mlp.fc.weight"].T).chunk(2, dim=-1)
+        return _rms((F.silu(g) * u) @ w[f"{p}.mlp.proj.weight"].T + x, w[f"{p}.norm_4.weight"], eps)
+
+    fc = w["freqs_cis"][:, : ids.shape[1]]
+    e = w["transformer.wte.weight"][ids] * math.sqrt(E)
+    for i in range(config["n_layers_in_prelude"]):
+        e = block(f"transformer.prelude.{i}", e, fc)
+    x = x0
+    for _ in range(steps):
+        x = torch.cat([x, e], dim=-1) @ w["transformer.adapter.weight"].T
+        for i in range(config["n_layers_in_recurrent_block"]):
+            x = block(f"transformer.core_block.{i}", x, fc)
+    x = _rms(x, w["transformer.ln_f.weight"], eps)
+    for i in range(config["n_layers_in_coda"]):
+        x = block(f"transformer.coda.{i}", x, fc)
+    x = _rms(x, w["transformer.ln_f.weight"], eps)
+    head = w["transformer.wte.weight"] if config.get("tie_embeddings", True) else w["lm_head.weight"]
+    return (x @ head.T).float()
+
+
+def huginn_shaped(tmp: Path, hidden: int = H, kv_heads: int | None = None, qkv_bias: str = "qk", tie: bool = True,
+                  embed_scale: float | None = None, seed: int = 0) -> tuple[Path, LoopedLM]:
+    """A LoopedLM of raven's shape (random weights, norms perturbed) saved as a converted checkpoint."""
+    from stars_scale.config import ModelConfig, RunConfig
+    from stars_scale.convert.checkpoint import save_converted
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden=hidden, heads=HEADS, kv_heads=kv_heads, mlp="swiglu", mlp_hidden=INTER,
+                      norm="rmsnorm", norm_eps=1e-6, norm_placement="sandwich", positions="rope", rope_base=50000.0,
+                      max_seq_len=T_MAX, n_prelude=N_PRE, n_core=N_CORE, n_coda=N_CODA, injection="concat-linear",
+                      init_state="random", final_norm=True, pre_coda_norm=True, tie_embeddings=tie,
+                      embed_scale=math.sqrt(hidden) if embed_scale is None else embed_scale, bias=False,
+                      qkv_bias=qkv_bias)
+    torch.manual_seed(seed)
+    model = LoopedLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_converted(tmp / "ckpt", RunConfig(model=cfg), model.state_dict(), {})
+    return tmp / "ckpt", model.eval()
+
+
+def upstream_matches(model: LoopedLM, hf: Path) -> dict:
+    config = json.loads((hf / "config.json").read_text())
+    w = load_file(str(hf / "model.safetensors"))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=g)
+    x0 = torch.randn(2, 12, model.cfg.hidden, generator=g) * model.init_state_std
+    with torch.no_grad():
+        e = model.encode(ids)
+        for steps in (1, 3):
+            ours = model.decode(model.recur(x0, e, n_free=steps, n_grad=0))
+            ref = upstream_forward(config, w, ids, x0, steps)
+            assert ref.abs().max() > 0.1
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)  # fp32, same operations up to order
+    # raven's s_0: trunc_normal(init_values.std) * sqrt(n_embd): the same distribution as ours
+    assert config["init_values"]["std"] * math.sqrt(config["n_embd"]) == pytest.approx(model.init_state_std, rel=1e-12)
+    return config
+
+
+def test_upstream_stand_in_is_raven_forward(tmp_path):
+    """The config-driven stand-in is the file's raven_forward on raven's own config and weights."""
+    w, cfg = raven_weights(seed=4), raven_config()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    x0 = torch.randn(2, 9, H, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(upstream_forward(cfg, w, ids, x0, 3), raven_forward(w, ids, x0, 3))
+
+
+@pytest.mark.parametrize("qkv_bias", ["qk", "none"])
+def test_gqa_model_exports_as_full_heads_that_upstream_runs(tmp_path, qkv_bias):
+    ckpt, model = huginn_shaped(tmp_path, kv_heads=2, qkv_bias=qkv_bias)
+    export_checkpoint(ckpt, "huginn", tmp_path / "hf")
+    config = upstream_matches(model, tmp_path / "hf")
+    assert config["num_key_value_heads"] == config["n_heads"] == HEADS
+    import_checkpoint("huginn", tmp_path / "hf", tmp_path / "back")  # and it comes back (as MHA)
+    assert load_converted(tmp_path / "back")[0].kv_heads is None
+
+
+def test_untied_model_with_another_embed_scale_is_rescaled_exactly(tmp_path):
+    """hidden 64: sqrt = 8, embed_scale 1 -> the embedding is stored divided by 8 (exact) and raven's
+    x8 gives back the same products; the state std is written so raven's s_0 has ours."""
+    ckpt, model = huginn_shaped(tmp_path, hidden=64, tie=False, embed_scale=1.0)
+    export_checkpoint(ckpt, "huginn", tmp_path / "hf")
+    config = upstream_matches(model, tmp_path / "hf")
+    assert config["init_values"]["embed_scale"] == 8.0
+    w = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert torch.equal(w["transformer.wte.weight"] * 8, model.embed.weight)
+
+
+@pytest.mark.parametrize("hidden,tie,why", [(H, True, "tie_embeddings"), (64, True, "tie_embeddings"),
+                                            (H, False, "not a power of two")])
+def test_export_refuses_an_embed_scale_raven_would_ignore(tmp_path, hidden, tie, why):
+    ckpt, _ = huginn_shaped(tmp_path, hidden=hidden, tie=tie, embed_scale=1.0)
+    res = subprocess.run([sys.executable, "-m", "stars_scale.cli.convert", "export", "--to", "huginn", str(ckpt),
+                          "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(err) == 1, res.stderr[-2000:]
+    assert "model.embed_scale is 1" in err[0] and f"sqrt(hidden) = {math.sqrt(hidden):g}" in err[0], err[0]
+    assert why in err[0]
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("edit,field", [
+    ({"init_values": {**raven_config()["init_values"], "embed_scale": 1.0}}, "init_values.embed_scale=1"),
+    ({"num_key_value_heads": 2, "qk_bias": False}, "num_key_value_heads 2 != n_heads 4"),
+    ({"num_attention_heads": 8}, "num_attention_heads=8 and n_heads=4 disagree"),
+    ({"hidden_size": 64}, "hidden_size=64 and n_embd=32 disagree"),
+    ({"tie_word_embeddings": False}, "tie_word_embeddings=False but raven reads tie_embeddings=True"),
+])
+def test_import_refuses_a_config_raven_reads_otherwise(tmp_path, edit, field):
+    w = raven_weights()
+    if edit.get("num_key_value_heads") == 2:  # weights shaped as the config says
+        hd = H // HEADS
+        for k in [k for k in w if k.endswith("Wqkv.weight")]:
+            w[k] = w[k][: (HEADS + 4) * hd]
+        for k in [k for k in w if k.endswith("qk_bias")]:
+            del w[k]
+    src = write_raven(tmp_path / "raven", w, {**raven_config(), **edit})
+    assert convert_main(["import", "--from", "huginn", str(src), "--out", str(tmp_path / "c")]) == 2
+    with pytest.raises(UserError, match=re.escape(field)):
+        import_checkpoint("huginn", src, tmp_path / "c")
+    assert not (tmp_path / "c").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +19,7 @@ from typing import Any, Iterable
 import torch
 
 from stars_scale.errors import UserError
+from stars_scale.pickle_globals import pickle_globals
 
 
 class CheckpointError(UserError):
@@ -86,11 +88,25 @@ def load_tensor_file(path: Path, allow: Iterable[Any] = ()) -> Any:
     except Exception as e:  # a truncated, foreign or unsafe file
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg or "Unsupported operand" in msg:
-            first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), "").split(". ")[0]
             raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data, "
-                                  f"which could run code on load ({first[:160]})") from None
+                                  f"which could run code on load ({refused_objects(path, msg, allow)})") from None
         raise CheckpointError(f"{path}: cannot be read as a checkpoint file "
                               f"({type(e).__name__}: {msg.splitlines()[0][:200] if msg else ''})") from None
+
+
+def refused_objects(path: Path, msg: str, allow: list[Any]) -> str:
+    """What a refused tensor file holds, named: the global torch names, else the ones the pickle
+    references beyond tensors (read without unpickling), else torch's own words."""
+    named = re.search(r"GLOBAL (\S+) was not an allowed global", msg)
+    if named:
+        return f"refused: {named.group(1)}"
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in allow}
+    names = [g for g in pickle_globals(path) if g not in allowed and g != "collections.OrderedDict"
+             and not g.startswith("torch.")]
+    if names:
+        return "refused: " + ", ".join(names[:5])
+    first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln), "").split(". ")[0]
+    return first[:160] or (msg.splitlines() or ["an unreadable pickle"])[0][:160]
 
 
 def check_tensor_files(d: Path, allow: Iterable[Any] = ()) -> None:

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
         from stars_scale.model.looped import LoopedLM
         from stars_scale import checkpoint as ckpt
+        from stars_scale.optional import check_run_dependencies
 
         depths = parse_depths(args.depths)
         path = ckpt.resolve_checkpoint(args.checkpoint)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg_path.is_file():
             raise UserError(f"{cfg_path}: missing from the checkpoint")
         cfg = load_config(cfg_path)
+        check_run_dependencies(cfg)  # e.g. the shards of its eval data need webdataset
         state = ckpt.load_state(path)
         model = LoopedLM(cfg.model)
         try:

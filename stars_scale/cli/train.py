@@ -29,9 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         from stars_scale.config import load_config
         from stars_scale.errors import UserError
+        from stars_scale.optional import check_run_dependencies
+        from stars_scale.tracking import check_tracking
         from stars_scale.train.trainer import Trainer
 
         cfg = load_config(args.config, args.overrides)
+        check_run_dependencies(cfg)  # missing optional packages: one line, before any work
+        check_tracking(cfg.tracking)
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
             raise UserError(f"--stop-after-steps: must be >= 1, got {args.stop_after_steps}")
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem

@@ -18,6 +18,15 @@ Mapped onto LoopedLM: sandwich blocks, concat-linear injection, random initial s
 `pre_coda_norm: true`, `qkv_bias: qk`; the fused matrices are split, the RoPE layout is turned
 into rotate-half by permuting q/k rows (see rope_layout.py), and the persistent `freqs_cis`
 buffer is recomputed (it is derived from rope_base and block_size).
+
+Only what raven runs crosses the border. raven multiplies embeddings by sqrt(n_embd) whatever
+`init_values.embed_scale` says, and its attention has no grouped-query path (SDPA without
+enable_gqa). Export therefore repeats a GQA model's k/v heads to n_heads (the same attention) and
+writes a model whose `embed_scale` is not sqrt(hidden) with its embedding rescaled when that is
+exact (untied, a power-of-two ratio), else refuses naming the field. Import refuses a config.json
+raven would read otherwise: another embed_scale, num_key_value_heads != n_heads, an alias key
+(num_attention_heads, hidden_size, num_hidden_layers) that disagrees with the key it stands for,
+tie_word_embeddings against the tie_embeddings raven reads.
 """
 from __future__ import annotations
 
@@ -44,6 +53,8 @@ FIXED = {
     "injection_type": "linear",
 }
 SIGMA = 0.5  # raven's randomized_iteration_sampler
+# RavenConfig.attribute_map: alias -> the key it stands for
+ALIASES = {"num_attention_heads": "n_heads", "hidden_size": "n_embd", "num_hidden_layers": "n_layers"}
 
 
 def derived_init_values(n_embd: int) -> dict[str, float]:
@@ -89,12 +100,14 @@ def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
     if src.cfg("head_dim", hd, int) != hd:
         raise UserError(f"{cp}: head_dim {src.config['head_dim']} != n_embd // n_heads = {hd}")
     kv = src.cfg("num_key_value_heads", H, int)
-    if kv < 1 or H % kv:
-        raise UserError(f"{cp}: num_key_value_heads {kv} does not divide n_heads {H}")
+    if kv != H:
+        raise UserError(f"{cp}: num_key_value_heads {kv} != n_heads {H}: raven's attention has no grouped-query "
+                        "path (its SDPA call fails on such weights), so this is not a checkpoint raven runs")
+    for alias, key in ALIASES.items():  # RavenConfig.attribute_map: both set, one overrides the other
+        if alias in src.config and key in src.config and src.config[alias] != src.config[key]:
+            raise UserError(f"{cp}: {alias}={src.config[alias]!r} and {key}={src.config[key]!r} disagree "
+                            f"(raven reads {alias} as an alias of {key}, so one silently overrides the other)")
     qk_bias = src.cfg("qk_bias", True, bool)
-    if qk_bias and kv != H:
-        raise UserError(f"{cp}: qk_bias with num_key_value_heads {kv} != n_heads {H} cannot run in "
-                        f"raven (the bias is shaped per query head)")
     inter = src.cfg("intermediate_size", types=int)
     V = src.cfg("padded_vocab_size", src.cfg("vocab_size", types=int), int)
     n_pre = src.cfg("n_layers_in_prelude", 2, int)
@@ -105,7 +118,11 @@ def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
     if "n_layers" in src.config and src.cfg("n_layers", types=int) != n_pre + n_core + n_coda:
         raise UserError(f"{cp}: n_layers {src.config['n_layers']} != prelude {n_pre} + recurrent "
                         f"{n_core} + coda {n_coda}")
-    tie = src.cfg("tie_embeddings", src.cfg("tie_word_embeddings", True, bool), bool)
+    tie = src.cfg("tie_embeddings", True, bool)  # what raven reads (its default: tied)
+    tie_word = src.cfg("tie_word_embeddings", tie, bool)
+    if tie_word != tie:
+        raise UserError(f"{cp}: tie_word_embeddings={tie_word} but raven reads tie_embeddings={tie}"
+                        f"{'' if 'tie_embeddings' in src.config else ' (its default)'}")
     iv = dict(derived_init_values(h))
     given_iv = src.cfg("init_values", {}, dict)  # the JSON value wins in RavenConfig, as here
     for k in ("std", "embed_scale"):
@@ -113,7 +130,11 @@ def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
             if not isinstance(given_iv[k], (int, float)) or isinstance(given_iv[k], bool):
                 raise UserError(f"{cp}: init_values.{k}={given_iv[k]!r} is not a number")
             iv[k] = float(given_iv[k])
-    embed_scale = iv["embed_scale"]
+    if not math.isclose(iv["embed_scale"], math.sqrt(h), rel_tol=1e-12):
+        raise UserError(f"{cp}: init_values.embed_scale={iv['embed_scale']:g}, but raven scales embeddings by "
+                        f"sqrt(n_embd) = {math.sqrt(h):g} whatever config.json says; the weights would run "
+                        "differently there than here")
+    embed_scale = math.sqrt(h)
     std = iv["std"]
     if std < 0:
         raise UserError(f"{cp}: init_values.std must be >= 0, got {std}")
@@ -123,7 +144,7 @@ def import_huginn(src: HFDir) -> tuple[RunConfig, dict[str, torch.Tensor], dict[
         raise UserError(f"{cp}: mean_recurrence and mean_backprop_depth must be >= 1")
 
     model = ModelConfig(
-        vocab_size=V, hidden=h, heads=H, kv_heads=None if kv == H else kv,
+        vocab_size=V, hidden=h, heads=H, kv_heads=None,
         mlp="swiglu", mlp_hidden=inter, norm="rmsnorm",
         norm_eps=float(src.cfg("norm_eps", 1e-6, (int, float))), norm_placement="sandwich",
         positions="rope", rope_base=float(src.cfg("rope_base", 50_000, (int, float))),
@@ -227,6 +248,35 @@ def check_freqs_cis(src: HFDir, head_dim: int, block_size: int, base: float) -> 
         warnings.warn(what + "; using the recomputed table", stacklevel=2)
 
 
+def _repeat_heads(w: torch.Tensor, head_dim: int, n_rep: int) -> torch.Tensor:
+    """k/v projection rows (or bias) of kv heads -> of kv * n_rep heads, each kv head repeated for the
+    n_rep query heads that read it (query head i reads kv head i // n_rep): the same attention."""
+    if n_rep == 1:
+        return w
+    return w.unflatten(0, (-1, head_dim)).repeat_interleave(n_rep, dim=0).flatten(0, 1)
+
+
+def _embedding_for_raven(m: ModelConfig, wte: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """The embedding raven must hold to compute wte(x) * model.embed_scale while it always multiplies
+    by sqrt(n_embd) (RavenPreTrainedModel.emb_scale ignores config.json): the same matrix when the
+    scales agree; rescaled by embed_scale / sqrt(n_embd) when that is exact (untied embeddings, a
+    power-of-two ratio, no under/overflow); else (None, why)."""
+    root = math.sqrt(m.hidden)
+    if m.embed_scale == root:
+        return wte, None
+    ratio = m.embed_scale / root
+    why = (f"model.embed_scale is {m.embed_scale:g}, but raven always scales embeddings by sqrt(hidden) = "
+           f"{root:g} (init_values.embed_scale is ignored there)")
+    if m.tie_embeddings:
+        return wte, why + "; with tie_embeddings the shared embedding/head matrix cannot be rescaled"
+    if math.frexp(ratio)[0] != 0.5 or ratio * root != m.embed_scale:
+        return wte, why + f"; rescaling the embedding by {ratio:g} would not be exact (not a power of two)"
+    scaled = wte * ratio
+    if not torch.equal(scaled.double(), wte.double() * ratio):
+        return wte, why + f"; rescaling the embedding by {ratio:g} under/overflows its dtype"
+    return scaled, None
+
+
 def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     sd = unfuse_state_dict(sd, run.model)  # the format's separate projections
     m = run.model
@@ -248,29 +298,31 @@ def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, di
         (m.hidden % m.heads == 0, "hidden must be divisible by heads"),
     ]
     problems = [msg for ok, msg in checks if not ok]
-    kv = m.kv_heads or m.heads
-    qk_bias = m.qkv_bias == "qk"
-    if qk_bias and kv != m.heads:
-        problems.append("qkv_bias qk needs kv_heads == heads in raven")
+    wte, scale_problem = _embedding_for_raven(m, sd["embed.weight"])
+    problems += [scale_problem] if scale_problem else []
     _explain(problems, "huginn_raven")
+    qk_bias = m.qkv_bias == "qk"
     h, H, hd = m.hidden, m.heads, m.hidden // m.heads
+    n_rep = H // (m.kv_heads or H)  # GQA: k/v heads repeated to H heads (raven has no grouped-query path)
     inter = sd["core.0.mlp.up_proj.weight"].shape[0]
     d = run.depth
     mean_rec = int(round(d.mean)) if d.dist == "poisson-lognormal" else median_depth(d)
     backprop = d.backprop if d.backprop is not None else mean_rec
-    iv = derived_init_values(h)
+    iv = derived_init_values(h)  # embed_scale: sqrt(n_embd), the only scale raven runs
     if m.init_state == "zero":
         iv["std"] = 0.0
-    elif m.init_state_std is not None:
-        iv["std"] = m.init_state_std / m.embed_scale
-    iv["embed_scale"] = m.embed_scale
+    elif m.init_state_std is not None or m.embed_scale != iv["embed_scale"]:
+        # raven's s_0: trunc_normal(init_values.std) * sqrt(n_embd); LoopedLM's: trunc_normal(init_state_std),
+        # whose default is sqrt(2/(5h)) * model.embed_scale
+        state_std = m.init_state_std if m.init_state_std is not None else iv["std"] * m.embed_scale
+        iv["std"] = state_std / iv["embed_scale"]
     n_layers = m.n_prelude + m.n_core + m.n_coda
     eff = m.n_prelude + m.n_coda + m.n_core * mean_rec
     iv["out_proj"] = math.sqrt(2 / (5 * h)) / math.sqrt(2 * eff)
     dtype = sd["embed.weight"].dtype
     config = {
         "architectures": [ARCH], "model_type": MODEL_TYPE,
-        "n_embd": h, "n_heads": H, "num_key_value_heads": kv, "head_dim": hd, "n_layers": n_layers,
+        "n_embd": h, "n_heads": H, "num_key_value_heads": H, "head_dim": hd, "n_layers": n_layers,
         "block_size": m.max_seq_len, "vocab_size": m.vocab_size, "padded_vocab_size": m.vocab_size,
         # RavenConfig passes tie_word_embeddings=tie_embeddings itself: writing it too is a
         # TypeError (multiple values) in RavenConfig.__init__. The vocabulary is not padded, so
@@ -286,7 +338,7 @@ def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, di
         "torch_dtype": str(dtype).replace("torch.", ""), "effective_expected_depth": eff,
         "init_values": iv,
     }
-    out: dict[str, torch.Tensor] = {"transformer.wte.weight": sd["embed.weight"]}
+    out: dict[str, torch.Tensor] = {"transformer.wte.weight": wte}
     for raven_part, ours in _PARTS:
         n = {"prelude": m.n_prelude, "core": m.n_core, "coda": m.n_coda}[ours]
         for i in range(n):
@@ -296,11 +348,11 @@ def export_huginn(run: RunConfig, sd: dict[str, torch.Tensor]) -> tuple[dict, di
                 out[nm[f"norm_{j}"]] = sd[f"{src}.norm{j}.weight"]
             out[nm["Wqkv"]] = torch.cat([
                 half_to_interleaved(sd[f"{src}.attn.q_proj.weight"], hd),
-                half_to_interleaved(sd[f"{src}.attn.k_proj.weight"], hd),
-                sd[f"{src}.attn.v_proj.weight"]], dim=0)
+                half_to_interleaved(_repeat_heads(sd[f"{src}.attn.k_proj.weight"], hd, n_rep), hd),
+                _repeat_heads(sd[f"{src}.attn.v_proj.weight"], hd, n_rep)], dim=0)
             if qk_bias:
                 qb = half_to_interleaved(sd[f"{src}.attn.q_proj.bias"], hd).reshape(1, H, hd)
-                kb = half_to_interleaved(sd[f"{src}.attn.k_proj.bias"], hd).reshape(1, H, hd)
+                kb = half_to_interleaved(_repeat_heads(sd[f"{src}.attn.k_proj.bias"], hd, n_rep), hd).reshape(1, H, hd)
                 out[nm["qk_bias"]] = torch.stack([qb, kb], dim=0)
             out[nm["proj"]] = sd[f"{src}.attn.o_proj.weight"]
             out[nm["fc"]] = torch.cat([sd[f"{src}.mlp.gate_proj.weight"], sd[f"{src}.mlp.up_proj.weight"]], dim=0)

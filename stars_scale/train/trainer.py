@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from stars_scale.parallel.compile import apply_compile
 from stars_scale.parallel.engine import Engine
 from stars_scale.stars.depth import DepthSampler, median_depth
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
+from stars_scale.tracking.start import start_tracker
 from stars_scale.train.host_malloc import keep_freed_memory
 from stars_scale.train.nonfinite import NonFiniteGuard
 from stars_scale.utils import flatten_dict
@@ -238,19 +238,16 @@ class Trainer:
         t = self.cfg.tracking
         if not t.mlflow:
             return
-        uri = default_tracking_uri(t.tracking_uri)
         tags = {"stars.git_commit": git_commit() or "unknown",
                 "stars.layout": self.engine.tag,
                 "stars.out_dir": str(self.out.resolve())}
         if os.environ.get("SLURM_JOB_ID"):
             tags["slurm.job_id"] = os.environ["SLURM_JOB_ID"]
         fresh = self.run_id is None
-        try:
-            self.tracker = MlflowTracker(uri, t.experiment, run_name=t.run_name or self.out.name, run_id=self.run_id,
-                                         tags=tags, parent_run_id=os.environ.get("STARS_MLFLOW_PARENT_RUN_ID"))
-        except Exception as e:  # an unreachable server must not stop training
-            warnings.warn(f"MLflow at {uri} unreachable when the run started ({type(e).__name__}: {e}); "
-                          f"metrics go to {self.out / 'metrics.jsonl'} only")
+        self.tracker = start_tracker(t, self.out / "metrics.jsonl", run_name=t.run_name or self.out.name,
+                                     run_id=self.run_id, tags=tags,
+                                     parent_run_id=os.environ.get("STARS_MLFLOW_PARENT_RUN_ID"))
+        if self.tracker is None:  # said once why (or refused under tracking.required: true)
             return
         self.run_id = self.tracker.run_id
         if fresh:
