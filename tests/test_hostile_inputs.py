@@ -1,0 +1,187 @@
+"""The cases of an adversarial probe (issue 26) that ran code, lost files, crashed or hung: each is
+refused in one line (`error: ...`, exit 2, no traceback) well within 10 s, runs nothing and
+removes nothing it did not write.
+
+Classes: names stored in data files (shard lists, tokenizer files, HF `weight_map`) that are URLs,
+pipes, `..`, absolute paths or links leaving their directory; YAML alias bombs and key aliases;
+huge or impossible numbers at the CLIs' numeric flags and in the config; foreign files in an
+`--out` that `--overwrite` would replace.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_fuzz_inputs import BASE, _yaml_text, assert_one_line_exit2, run_main
+
+from stars_scale.cli import data as data_cli
+from stars_scale.cli import train as train_cli
+from stars_scale.errors import UserError
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return work
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards") / "ds"
+    rc, err = run_main(data_cli.main, ["arithmetic", "--out", str(d), "--digits", "2", "--samples", "64",
+                                       "--test-size", "16", "--blocks-per-shard", "32"])
+    assert rc == 0, err
+    return d
+
+
+def _copy(ds: Path, to: Path) -> Path:
+    shutil.copytree(ds, to)
+    return to
+
+
+def _edit_manifest(d: Path, edit) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    edit(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _train_on(data_path: str, workdir: Path) -> tuple[int, str]:
+    cfg = dict(BASE, data={"kind": "shards", "path": data_path, "batch_size": 4})
+    cfg["model"] = dict(BASE["model"], max_seq_len=16)
+    (workdir.parent / "c.yaml").write_bytes(_yaml_text(cfg))
+    return run_main(train_cli.main, ["--config", str(workdir.parent / "c.yaml"), "--out", str(workdir / "run")])
+
+
+# --------------------------------------------------------------------------- names in data files
+
+
+def test_a_pipe_shard_name_is_refused_and_never_runs(dataset, tmp_path, workdir):
+    """The probe's case: the shard renamed `pipe:cat train-000000.tar.orig;touch X` trained
+    normally and created X (webdataset's opener ran it through the shell)."""
+    d = _copy(dataset, tmp_path / "ds")
+    os.rename(d / "train-000000.tar", d / "train-000000.tar.orig")
+    name = "pipe:cat train-000000.tar.orig;touch X"
+    _edit_manifest(d, lambda m: m["splits"]["train"]["shards"][0].update(name=name))
+    rc, err = _train_on(str(d), workdir)
+    assert_one_line_exit2(rc, err, name)
+    assert "URL or pipe" in err and "shards[0].name" in err
+    assert not (workdir / "X").exists() and not (d / "X").exists()
+    rc, err = run_main(data_cli.main, ["inspect", str(d), "--verify"])
+    assert_one_line_exit2(rc, err, name)
+    assert not (workdir / "X").exists()
+
+
+def test_a_dataset_path_that_is_a_pipe_never_runs(dataset, workdir):
+    """`data.path='pipe:touch X;true'` (a directory of that name holding a dataset) created X."""
+    name = "pipe:touch X;true"
+    shutil.copytree(dataset, workdir / name)
+    rc, err = _train_on(name, workdir)
+    assert_one_line_exit2(rc, err, name)
+    assert "URL or pipe" in err
+    assert not (workdir / "X").exists()
+    # spelled as a local path, the same directory trains (the rule is about schemes, not names)
+    from stars_scale.data.loader import ShardSource
+
+    src = ShardSource(f"./{name}", 4, dp_rank=0, dp_size=1, seed=0)
+    assert src.next_batch()["input_ids"].shape == (4, 10)
+    src.close()
+    assert not (workdir / "X").exists()
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "link-out", "link-to-dir", "url", "fifo"])
+def test_shard_names_leaving_the_dataset_are_refused(dataset, tmp_path, workdir, kind):
+    d = _copy(dataset, tmp_path / "ds")
+    outside = tmp_path / "elsewhere.tar"
+    shutil.copyfile(d / "train-000001.tar", outside)
+    names = {"dotdot": "../elsewhere.tar", "absolute": str(outside), "url": "https://example.com/x.tar",
+             "link-out": "train-000001.tar", "link-to-dir": "train-000001.tar", "fifo": "train-000001.tar"}
+    if kind == "link-out":
+        (d / "train-000001.tar").unlink()
+        (d / "train-000001.tar").symlink_to(outside)
+    elif kind == "link-to-dir":
+        (d / "train-000001.tar").unlink()
+        (d / "train-000001.tar").symlink_to(d)
+    elif kind == "fifo":  # opening a FIFO would block forever
+        (d / "train-000001.tar").unlink()
+        os.mkfifo(d / "train-000001.tar")
+    _edit_manifest(d, lambda m: m["splits"]["train"]["shards"][1].update(name=names[kind]))
+    rc, err = _train_on(str(d), workdir)
+    assert_one_line_exit2(rc, err, kind)
+    assert "shards[1].name" in err, err
+    rc, err = run_main(data_cli.main, ["inspect", str(d), "--verify"])
+    assert_one_line_exit2(rc, err, kind)
+
+
+def test_a_link_inside_the_dataset_is_read(dataset, tmp_path):
+    """Links are fine while they stay inside the directory (a deduplicated copy, say)."""
+    from stars_scale.data.verify import verify_dataset
+
+    d = _copy(dataset, tmp_path / "ds")
+    os.rename(d / "train-000001.tar", d / "blob")
+    (d / "train-000001.tar").symlink_to("blob")
+    assert verify_dataset(d).splits["train"].blocks == 64
+
+
+def test_the_loader_never_hands_a_name_to_a_url_opener(dataset, tmp_path, workdir):
+    """A manifest changed after it was loaded (or built in code) still cannot run a pipe."""
+    from stars_scale.data import shards as fmt
+    from stars_scale.data.loader import read_blocks
+
+    m = fmt.Manifest.load(dataset)
+    shard = fmt.ShardInfo("pipe:touch X", 32, 0, "0" * 64)
+    with pytest.raises(UserError, match="URL or pipe"):
+        list(read_blocks(m, [shard], 0))
+    assert not (workdir / "X").exists()
+
+
+def test_a_tokenizer_file_outside_the_dataset_is_refused(dataset, tmp_path):
+    d = _copy(dataset, tmp_path / "ds")
+    _edit_manifest(d, lambda m: m.update(tokenizer={"file": "../tok.json", "sha256": "0" * 64}))
+    rc, err = run_main(data_cli.main, ["inspect", str(d)])
+    assert_one_line_exit2(rc, err, "tokenizer")
+    assert "tokenizer.file" in err
+
+
+def _hf_dir(tmp_path: Path) -> Path:
+    """A tiny `hf`-format directory (stars-convert export of a random model)."""
+    from stars_scale.config import RunConfig, ModelConfig
+    from stars_scale.convert.api import export_checkpoint
+    from stars_scale.convert.checkpoint import save_converted
+    from stars_scale.model.looped import LoopedLM
+
+    run = RunConfig(model=ModelConfig(vocab_size=15, hidden=16, heads=2, mlp_hidden=32, max_seq_len=16))
+    save_converted(tmp_path / "conv", run, LoopedLM(run.model).state_dict(), {"source_format": "test"})
+    export_checkpoint(tmp_path / "conv", "hf", tmp_path / "hf", max_shard_bytes=4000)
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "link-out", "url"])
+def test_weight_map_entries_leaving_the_source_are_refused(tmp_path, kind):
+    from stars_scale.cli.convert import main as convert_main
+    from stars_scale.convert.hfdir import INDEX_NAME
+
+    hf = _hf_dir(tmp_path)
+    index = json.loads((hf / INDEX_NAME).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    outside = tmp_path / "outside.safetensors"
+    shutil.copyfile(hf / first, outside)
+    target = {"dotdot": "../outside.safetensors", "absolute": "/etc/passwd", "url": "pipe:cat /etc/passwd",
+              "link-out": first}[kind]
+    if kind == "link-out":
+        (hf / first).unlink()
+        (hf / first).symlink_to(outside)
+    tensor = next(k for k, v in index["weight_map"].items() if v == first)
+    index["weight_map"][tensor] = target
+    (hf / INDEX_NAME).write_text(json.dumps(index))
+    rc, err = run_main(convert_main, ["import", str(hf), "--from", "hf", "--out", str(tmp_path / "imp")])
+    assert_one_line_exit2(rc, err, kind)
+    assert "weight_map" in err, err
+    assert not (tmp_path / "imp").exists()
