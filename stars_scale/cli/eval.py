@@ -6,33 +6,43 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import run_cli
+from stars_scale.cli.common import OneLineParser, float_flag, int_flag, run_cli
 
 
 def parse_depths(text: str) -> list[int]:
+    """`1,2,4,1e3` -> [1, 2, 4, 1000]; each depth within the config's depth bounds."""
+    from stars_scale.config import bound_error, parse_int
     from stars_scale.errors import UserError
 
-    try:
-        depths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--depths: expected comma-separated positive integers, got {text!r}") from None
-    if not depths or min(depths) < 1:
-        raise UserError(f"--depths: expected comma-separated positive integers, got {text!r}")
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"--depths: expected comma-separated positive integers, got {text[:60]!r}")
+    depths = []
+    for x in items:
+        d = parse_int(x)
+        if d is None:
+            raise UserError(f"--depths: expected comma-separated positive integers, got {x[:40]!r}")
+        why = bound_error(d, "depth")
+        if why:
+            raise UserError(f"--depths: each depth {why} (the config's cap on loop iterations)")
+        depths.append(d)
     return depths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stars-eval", description="Evaluate a looped LM.")
+    p = OneLineParser(prog="stars-eval", description="Evaluate a looped LM.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("depth", help="accuracy / loss, ||dh|| and rho against test-time loop depth")
     d.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
     d.add_argument("--depths", default="1,2,4,8,16,32,64", help="comma-separated depths")
     d.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>)")
-    d.add_argument("--samples", type=int, default=None, help="test samples (default: the config's eval.samples)")
-    d.add_argument("--rho-iters", type=int, default=None, help="power iterations for rho (default: config)")
+    d.add_argument("--samples", type=int_flag("count"), default=None,
+                   help="test samples (default: the config's eval.samples)")
+    d.add_argument("--rho-iters", type=int_flag("power_iters"), default=None,
+                   help="power iterations for rho (default: config)")
     d.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
     add_exit_args(d)
-    d.add_argument("--states", type=int, default=0, metavar="N",
+    d.add_argument("--states", type=int_flag("count", lo=0), default=0, metavar="N",
                    help="also plot the hidden-state trajectories of N examples on their first two principal "
                         "components over max(depths) iterations (states_pca.png/.json)")
     add_lm_parser(sub)
@@ -51,13 +61,14 @@ def add_lm_parser(sub) -> None:
     lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     lm.add_argument("--depths", default="4,8,16,32", help="fixed depths (with --exit: the max depth of each run)")
     lm.add_argument("--exit", default=None, choices=("delta", "kl", "contraction"), help="per-token exit rule")
-    lm.add_argument("--tol", type=float, default=None, help="exit-rule tolerance")
-    lm.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction < 1)")
+    lm.add_argument("--tol", type=float_flag(0.0, lo_open=True), default=None, help="exit-rule tolerance")
+    lm.add_argument("--limit", type=float_flag(0.0, lo_open=True), default=None,
+                    help="examples per task (or a fraction < 1)")
     lm.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local datasets)")
-    lm.add_argument("--num-fewshot", type=int, default=None)
-    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--num-fewshot", type=int_flag("count", lo=0), default=None)
+    lm.add_argument("--batch-size", type=int_flag("count"), default=16)
     lm.add_argument("--cache", default="full", choices=("full", "shared"), help="KV cache scheme for generation")
-    lm.add_argument("--cache-slots", type=int, default=4)
+    lm.add_argument("--cache-slots", type=int_flag("depth"), default=4)
     lm.add_argument("--tokenizer", default=None, help="tokenizer.json (default: next to the weights or the data)")
     lm.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>, or <dir>/eval)")
     lm.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
@@ -70,10 +81,12 @@ def add_exit_args(d: argparse.ArgumentParser) -> None:
                    help="comma-separated exit rules to evaluate next to the fixed depths: delta,kl,contraction "
                         "(or all); reports accuracy and mean/p99 loops per generated token")
     d.add_argument("--tol", default=None, help="tolerance for every rule, or RULE=T,... (repeat a rule to sweep)")
-    d.add_argument("--max-depth", type=int, default=None, help="most loops per token (default: max of --depths)")
-    d.add_argument("--exit-rho-iters", type=int, default=0, help="contraction: power-iteration steps for rho-hat")
+    d.add_argument("--max-depth", type=int_flag("depth"), default=None,
+                   help="most loops per token (default: max of --depths)")
+    d.add_argument("--exit-rho-iters", type=int_flag("power_iters", lo=0), default=0,
+                   help="contraction: power-iteration steps for rho-hat")
     d.add_argument("--cache", default="full", choices=("full", "shared"), help="KV cache scheme for --exit")
-    d.add_argument("--cache-slots", type=int, default=4, help="shared cache slots")
+    d.add_argument("--cache-slots", type=int_flag("depth"), default=4, help="shared cache slots")
     d.add_argument("--warm-start", action="store_true", help="continuous-depth warm start under --exit")
 
 
@@ -108,11 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             raise UserError(f"{path}: the weights do not match the checkpoint's config ({e})") from None
         samples = args.samples or cfg.eval.samples
-        if samples < 1:
-            raise UserError(f"--samples: must be >= 1, got {samples}")
         batch, has_acc = build_eval_batch(cfg, samples)
         with torch.no_grad():
-            results = depth_sweep(model, batch, depths, rho_iters=args.rho_iters or cfg.eval.rho_iters,
+            rho_iters = args.rho_iters if args.rho_iters is not None else cfg.eval.rho_iters
+            results = depth_sweep(model, batch, depths, rho_iters=rho_iters,
                                   batch_size=cfg.eval.batch_size, seed=cfg.seed, has_accuracy=has_acc)
         results["step"] = state.get("step")
         results["checkpoint"] = str(path)
@@ -146,8 +158,6 @@ def _lm(args) -> int:
         raise UserError("--tasks: expected comma-separated lm-eval task names")
     if args.exit and args.tol is None:
         raise UserError(f"--exit {args.exit}: needs --tol")
-    if args.limit is not None and not args.limit > 0:
-        raise UserError(f"--limit: must be > 0, got {args.limit}")
     if args.include_path and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path {args.include_path}: not a directory")
     from stars_scale.cli.generate import resolve_device
@@ -215,8 +225,6 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
         raise UserError("--exit: needs --tol")
     settings = parse_tols(args.tol, rules)
     max_depth = args.max_depth or max(results["depths"])
-    if max_depth < 1 or args.cache_slots < 1 or args.exit_rho_iters < 0:
-        raise UserError("--max-depth and --cache-slots must be >= 1, --exit-rho-iters >= 0")
     with torch.no_grad():
         rows = exit_rule_eval(model, batch, build_task(cfg).prompt_len, settings, max_depth=max_depth, eos_id=EOS,
                               cache=args.cache, cache_slots=args.cache_slots, rho_iters=args.exit_rho_iters,
@@ -239,8 +247,6 @@ def _state_pca(model, batch, depth: int, examples: int, cfg, has_acc: bool, out:
     from stars_scale.errors import UserError
     from stars_scale.eval.trajectories import arithmetic_titles, state_pca, write_state_pca
 
-    if examples < 0:
-        raise UserError(f"--states: expected a number of examples >= 0, got {examples}")
     examples = min(examples, batch["input_ids"].shape[0])
     titles = arithmetic_titles(batch, examples) if cfg.data.kind == "arithmetic" else None
     with torch.no_grad():
