@@ -185,3 +185,180 @@ def test_weight_map_entries_leaving_the_source_are_refused(tmp_path, kind):
     assert_one_line_exit2(rc, err, kind)
     assert "weight_map" in err, err
     assert not (tmp_path / "imp").exists()
+
+
+# --------------------------------------------------------------------------- config files
+
+
+def _train_config(tmp_path: Path, workdir: Path, text: str | bytes, timeout: float = 60) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text.encode() if isinstance(text, str) else text)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", str(cfg), "--out", "run"],
+                          capture_output=True, text=True, cwd=workdir, env=env, timeout=timeout)
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, workdir):
+    """The probe's 464-byte billion laughs hung: the error path expanded it with repr()."""
+    bomb = "seed:\n  - &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+        f"  - &{c} [{','.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+    assert len(bomb) < 500
+    res = _train_config(tmp_path, workdir, bomb)  # a hang is a TimeoutExpired failure
+    assert_one_line_exit2(res.returncode, res.stderr, "bomb")
+    assert "alias" in res.stderr
+    assert not any(workdir.iterdir())
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("a: &a [*a]\nmodel: *a\n", "recursive alias"),
+    # the error text of a big value is cut without building its whole repr first
+    ("model: " + "[" * 40 + "]" * 40 + "\n", "model: expected a mapping"),
+])
+def test_self_referencing_and_deep_yaml_is_one_line(tmp_path, workdir, text, needle):
+    rc, err = run_main(train_cli.main, ["--config", str(_write(tmp_path, text)), "--out", str(workdir / "run")])
+    assert_one_line_exit2(rc, err, text)
+    assert needle in err and len(err) < 400, err
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "c.yaml").write_text(text)
+    return tmp_path / "c.yaml"
+
+
+def test_init_from_given_twice_is_refused(tmp_path, workdir):
+    """`init: {from: a, from_: b}` silently used b."""
+    cfg = dict(BASE, init={"from": "a", "from_": "b"})
+    rc, err = run_main(train_cli.main, ["--config", str(_write(tmp_path, yaml.safe_dump(cfg))),
+                                        "--out", str(workdir / "run")])
+    assert_one_line_exit2(rc, err, "from_")
+    assert "init.from_" in err and "write it as 'from'" in err
+    from stars_scale.config import config_from_dict
+
+    assert config_from_dict({"init": {"from": "a"}}).init.from_ == "a"
+
+
+@pytest.mark.parametrize("sets,field", [
+    (["data.test_size=600000"], "data.test_size"),  # 3 digits: 10^6 problems, the test set under half
+    (["data.digits=10"], "data.digits"), (["data.digits=18"], "data.digits"),
+    (["data.train_size=4000000000000000000"], "data.train_size"),
+    (["data.digits=1", "data.test_size=50"], "data.test_size"),
+])
+def test_config_values_that_crashed_after_validation(tmp_path, workdir, sets, field):
+    cfg = _write(tmp_path, _yaml_text(BASE).decode())
+    rc, err = run_main(train_cli.main, ["--config", str(cfg), "--out", str(workdir / "run"),
+                                        *[f"--set={s}" for s in sets]])
+    assert_one_line_exit2(rc, err, sets)
+    assert err.startswith(f"error: {cfg}: {field}"), err
+    assert not any(workdir.iterdir())
+
+
+def test_the_largest_allowed_digits_still_build_the_task():
+    from stars_scale.config import BOUNDS
+    from stars_scale.data.arithmetic import ArithmeticTask
+
+    n = BOUNDS["digits"][1]
+    task = ArithmeticTask(digits=n, test_size=8, train_size=4)
+    batch = task.train_batch(step=0, micro=0, batch_size=4)
+    assert batch["input_ids"].shape == (4, 3 * n + 5)
+    with pytest.raises(ValueError, match="data.digits"):
+        ArithmeticTask(digits=n + 1)
+    rc, err = run_main(data_cli.main, ["arithmetic", "--out", "x", "--digits", str(n + 1)])
+    assert_one_line_exit2(rc, err, "--digits")
+    assert "--digits" in err
+
+
+# --------------------------------------------------------------------------- CLI flags
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A converted checkpoint of an arithmetic model (stars-generate reads it with the task's codec)."""
+    from stars_scale.config import DataConfig, ModelConfig, RunConfig
+    from stars_scale.convert.checkpoint import save_converted
+    from stars_scale.model.looped import LoopedLM
+
+    run = RunConfig(model=ModelConfig(vocab_size=15, hidden=16, heads=2, mlp_hidden=32, max_seq_len=16,
+                                      injection="add"), data=DataConfig(digits=2, test_size=16))
+    run.tracking.mlflow = False
+    d = tmp_path_factory.mktemp("conv") / "ckpt"
+    save_converted(d, run, LoopedLM(run.model).state_dict(), {"source_format": "test"})
+    return d
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--temperature", "nan"], "--temperature"), (["--temperature", "inf"], "--temperature"),
+    (["--cache", "shared", "--cache-slots", "0"], "--cache-slots"),
+    (["--cache", "shared", "--cache-slots", "-2"], "--cache-slots"),
+    (["--device", "xpu"], "--device"), (["--device", "meta"], "--device"), (["--device", "cpu:3"], "--device"),
+    (["--seed", "1e23"], "--seed"), (["--seed", "100000000000000000000000"], "--seed"),
+    (["--exit", "contraction", "--tol", "0.1", "--rho-iters", "-1"], "--rho-iters"),
+    (["--depth", "1000000000"], "--depth"), (["--exit", "delta", "--tol", "0.1", "--max-depth", "1e9"], "--max-depth"),
+    (["--tol", "nan", "--exit", "delta"], "--tol"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--batch-size", "0"], "--batch-size"), (["--top-p", "nan"], "--top-p"),
+])
+def test_generate_flags_are_checked_at_parse_time(converted, args, needle):
+    from stars_scale.cli.generate import main as generate_main
+
+    rc, err = run_main(generate_main, ["--checkpoint", str(converted), "--prompt", "12+34=", *args])
+    assert_one_line_exit2(rc, err, args)
+    assert needle in err, err
+
+
+def test_generate_names_the_prompt_not_max_new_tokens(converted, tmp_path):
+    """A 100k-character prompt was reported as a --max-new-tokens problem the user never set."""
+    from stars_scale.cli.generate import main as generate_main
+
+    rc, err = run_main(generate_main, ["--checkpoint", str(converted), "--prompt", "1" * 100_000])
+    assert_one_line_exit2(rc, err, "long prompt")
+    assert "prompt 1 (100000 characters): 100000 tokens" in err and "--max-new-tokens" not in err, err
+    rc, err = run_main(generate_main, ["--checkpoint", str(converted), "--prompt", "12+34=", "--depth", "2",
+                                       "--max-new-tokens", "3", "--seed", "1e3"])
+    assert rc == 0, err
+
+
+def test_generate_refuses_token_ids_outside_the_model_vocabulary(converted, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "small": 3, "big": 500}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tok.json"))
+    from stars_scale.cli.generate import main as generate_main
+
+    rc, err = run_main(generate_main, ["--checkpoint", str(converted), "--tokenizer", str(tmp_path / "tok.json"),
+                                       "--prompt", "small big", "--depth", "2"])
+    assert_one_line_exit2(rc, err, "oov")
+    assert "token id 500" in err and "vocabulary of 15" in err, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rho-iters", "-3"], "--rho-iters"), (["--depths", "1,1e9"], "--depths"),
+    (["--depths", "99999999999999999999999999"], "--depths"), (["--samples", "0"], "--samples"),
+    (["--cache-slots", "0"], "--cache-slots"), (["--max-depth", "1000000000"], "--max-depth"),
+    (["--exit-rho-iters", "-1"], "--exit-rho-iters"), (["--states", "-1"], "--states"),
+])
+def test_eval_depth_flags_are_checked_before_any_work(tmp_path, args, needle):
+    from stars_scale.cli.eval import main as eval_main
+
+    rc, err = run_main(eval_main, ["depth", "--checkpoint", str(tmp_path / "no-such-run"), *args])
+    assert_one_line_exit2(rc, err, args)
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--draws", "0"], "--draws"), (["--micro-batch", "0"], "--micro-batch"), (["--draws", "1e12"], "--draws"),
+    (["--mfu", "nan"], "--mfu"), (["--tokens", "inf"], "--tokens"), (["--nodes", "0"], "--nodes"),
+])
+def test_plan_flags_are_not_silently_replaced(tmp_path, args, needle):
+    """--draws 0 became 1 and --micro-batch 0 became the config's micro-batch."""
+    from stars_scale.cli.plan import main as plan_main
+
+    cfg = _write(tmp_path, _yaml_text(BASE).decode())
+    base = ["--config", str(cfg), "--nodes", "1", "--gpus-per-node", "1"]
+    rc, err = run_main(plan_main, [*base, *args])
+    assert_one_line_exit2(rc, err, args)
+    assert needle in err, err
+    rc, err = run_main(plan_main, [*base, "--draws", "100", "--micro-batch", "2"])
+    assert rc == 0, err
