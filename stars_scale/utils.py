@@ -138,6 +138,22 @@ def current_umask() -> int:
     return mask
 
 
+def only_own_files(marker: str, patterns: tuple[str, ...], what: str) -> Callable[[Path], str | None]:
+    """A `StagedDir(replaceable=...)` rule: a directory may be replaced only when it is `what`
+    (holds `marker`) and holds nothing else than names matching `patterns` (what this project
+    writes there), so `--overwrite` never deletes a file the project did not write."""
+    import fnmatch
+
+    def check(d: Path) -> str | None:
+        foreign = sorted(p.name for p in d.iterdir() if not any(fnmatch.fnmatchcase(p.name, pat) for pat in patterns))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            return f"holds {foreign[0]!r}{more}, which is not part of {what}"
+        return None if (d / marker).is_file() else f"is not {what} (no {marker})"
+
+    return check
+
+
 class StagedDir:
     """An output directory built under a hidden sibling name and renamed into place when complete.
 

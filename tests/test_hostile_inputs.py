@@ -362,3 +362,44 @@ def test_plan_flags_are_not_silently_replaced(tmp_path, args, needle):
     assert needle in err, err
     rc, err = run_main(plan_main, [*base, "--draws", "100", "--micro-batch", "2"])
     assert rc == 0, err
+
+
+# --------------------------------------------------------------------------- foreign files in --out
+
+
+def test_convert_overwrite_never_deletes_a_foreign_file(tmp_path):
+    """`stars-convert import ... --out D --overwrite` deleted an unrelated thesis.tex in D."""
+    from stars_scale.cli.convert import main as convert_main
+
+    hf = _hf_dir(tmp_path)
+    out = tmp_path / "D"
+    imp = ["import", str(hf), "--from", "hf", "--out", str(out), "--overwrite"]
+    assert run_main(convert_main, imp)[0] == 0
+    assert run_main(convert_main, imp)[0] == 0  # its own output is replaced
+    (out / "thesis.tex").write_text("years of work")
+    rc, err = run_main(convert_main, imp)
+    assert_one_line_exit2(rc, err, "thesis")
+    assert "'thesis.tex'" in err
+    assert (out / "thesis.tex").read_text() == "years of work" and (out / "model.safetensors").is_file()
+    # export: the same rule
+    exp = ["export", str(out), "--to", "hf", "--out", str(tmp_path / "E"), "--overwrite"]
+    assert run_main(convert_main, exp)[0] == 0
+    (tmp_path / "E" / "notes.txt").write_text("mine")
+    rc, err = run_main(convert_main, exp)
+    assert_one_line_exit2(rc, err, "notes")
+    assert (tmp_path / "E" / "notes.txt").read_text() == "mine"
+
+
+def test_data_overwrite_keeps_the_same_rule(dataset, tmp_path):
+    """stars-data already refused a directory that is not a dataset; a dataset with a foreign file
+    in it is refused too (one rule, utils.only_own_files, for datasets and converted checkpoints)."""
+    d = _copy(dataset, tmp_path / "ds")
+    (d / "README.txt").write_text("mine")
+    rc, err = run_main(data_cli.main, ["arithmetic", "--out", str(d), "--digits", "2", "--samples", "8",
+                                       "--test-size", "4", "--overwrite"])
+    assert_one_line_exit2(rc, err, "README")
+    assert "'README.txt'" in err and (d / "README.txt").read_text() == "mine"
+    (d / "README.txt").unlink()
+    rc, err = run_main(data_cli.main, ["arithmetic", "--out", str(d), "--digits", "2", "--samples", "8",
+                                       "--test-size", "4", "--overwrite"])
+    assert rc == 0, err

@@ -30,7 +30,7 @@ import numpy as np
 
 from stars_scale.errors import UserError
 from stars_scale.utils import (StagedDir, atomic_write_json, current_umask, looks_like_url,  # noqa: F401
-                               resolve_member, sha256_file)
+                               only_own_files, resolve_member, sha256_file)
 
 FORMAT = "stars-shards"
 VERSION = 1
@@ -381,7 +381,8 @@ def decode_sample(sample: dict[str, Any], manifest: Manifest, shard: str) -> tup
 def StagedOutput(out: str | Path, overwrite: bool = False) -> StagedDir:
     """A dataset directory staged and published atomically; never replaces a non-dataset directory."""
     return StagedDir(out, overwrite=overwrite, what="a previous dataset",
-                     replaceable=lambda d: None if (d / MANIFEST).is_file() else f"is not a dataset (no {MANIFEST})")
+                     replaceable=only_own_files(MANIFEST, (MANIFEST, "tokenizer.json", *(f"{s}-*.tar" for s in SPLITS)),
+                                                "a dataset"))
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
