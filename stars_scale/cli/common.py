@@ -41,11 +41,12 @@ def run_cli(fn: Callable[[], int | None]) -> int:
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose refusals are one line `error: PROG: argument --flag: why`, exit 2 (argparse
-    itself prints the whole usage first). Subparsers inherit the class."""
+    """argparse whose refusals are a UserError `PROG: argument --flag: why`, so that a CLI that
+    parses inside `run_cli` prints one line and returns 2 (argparse itself prints the whole usage
+    first and exits). Subparsers inherit the class."""
 
     def error(self, message: str):  # noqa: D401
-        self.exit(2, f"error: {self.prog}: {one_line(message)}\n")
+        raise UserError(f"{self.prog}: {one_line(message)}")
 
 
 def int_flag(kind: str, lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import OneLineParser, float_flag, int_flag, run_cli
+from stars_scale.cli.common import OneLineParser, float_flag, int_flag, one_line, run_cli
 
 
 def parse_depths(text: str) -> list[int]:
@@ -91,6 +91,10 @@ def add_exit_args(d: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _main(argv))  # a bad flag is one line and exit 2, like any UserError
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         return run_cli(lambda: _compare(args))
@@ -244,7 +248,6 @@ def _state_pca(model, batch, depth: int, examples: int, cfg, has_acc: bool, out:
     """--states N: the PCA of N examples' loop-state trajectories -> states_pca.{json,png}."""
     import torch
 
-    from stars_scale.errors import UserError
     from stars_scale.eval.trajectories import arithmetic_titles, state_pca, write_state_pca
 
     examples = min(examples, batch["input_ids"].shape[0])
@@ -265,16 +268,15 @@ def _compare(args) -> int:
 
 
 def _run_tracker(cfg, run_id: str):
-    """The checkpoint's MLflow run, or None (with a warning) when it cannot be reached."""
-    import warnings
-
+    """The checkpoint's MLflow run, or None (with a one-line warning) when it cannot be reached."""
     try:
         from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
 
         return MlflowTracker(default_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment,
                              run_id=run_id)
     except Exception as e:
-        warnings.warn(f"MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk")
+        print(f"warning: {one_line(f'MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk')}",
+              file=sys.stderr)
         return None
 
 

@@ -118,6 +118,10 @@ def _read_prompts(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _main(argv))  # a bad flag is one line and exit 2, like any UserError
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:

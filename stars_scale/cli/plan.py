@@ -49,6 +49,10 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _main(argv))  # a bad flag is one line and exit 2, like any UserError
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli(lambda: _run(args))  # exit 0, or 2 with one line on a UserError
 
