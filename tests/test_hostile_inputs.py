@@ -403,3 +403,19 @@ def test_data_overwrite_keeps_the_same_rule(dataset, tmp_path):
     rc, err = run_main(data_cli.main, ["arithmetic", "--out", str(d), "--digits", "2", "--samples", "8",
                                        "--test-size", "4", "--overwrite"])
     assert rc == 0, err
+
+
+def test_generate_with_flash_attention_on_a_cpu_device_is_one_line(tmp_path):
+    """`model.attention: flash` on CPU passed validation and crashed in the first forward."""
+    from stars_scale.cli.generate import main as generate_main
+    from stars_scale.config import DataConfig, ModelConfig, RunConfig
+    from stars_scale.convert.checkpoint import save_converted
+    from stars_scale.model.looped import LoopedLM
+
+    run = RunConfig(model=ModelConfig(vocab_size=15, hidden=16, heads=2, mlp_hidden=32, max_seq_len=16,
+                                      attention="flash"), data=DataConfig(digits=2, test_size=16))
+    save_converted(tmp_path / "ckpt", run, LoopedLM(run.model).state_dict(), {"source_format": "test"})
+    rc, err = run_main(generate_main, ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "12+34=",
+                                       "--depth", "2", "--device", "cpu"])
+    assert_one_line_exit2(rc, err, "flash")
+    assert "model.attention" in err and "cpu" in err, err

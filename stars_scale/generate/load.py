@@ -93,7 +93,21 @@ def load_model(path: str | Path, device: str = "cpu"):
     run, sd = load_converted_run(d)
     model = LoopedLM(run.model)
     model.load_state_dict(sd)
-    return run, model.to(device).eval(), d
+    model = model.to(device).eval()
+    check_attention(run, model, d)
+    return run, model, d
+
+
+def check_attention(run, model, where: Path) -> None:
+    """The attention backend the config asks for can run where the model now is (`attention:
+    flash` on a CPU device fails only inside the first forward otherwise)."""
+    from stars_scale.model.attention import attention_plan
+
+    p = next(model.parameters())
+    try:
+        attention_plan(p.device.type, p.dtype, 1, run.model.attention)
+    except RuntimeError as e:
+        raise UserError(f"{where}: model.attention: {e} (the model is on {p.device}, {p.dtype})") from None
 
 
 def default_depth(run) -> int:
