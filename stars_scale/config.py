@@ -41,7 +41,7 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "draws": (1, 1_000_000),  # stars-plan --draws: depth statistics settle long before
     # problem sets held in memory: the test set also as a Python set (~70 bytes a problem), a
     # fixed training set as int64 codes (8 GiB at the cap)
-    "test_problems": (1, 2**24),
+    "test_problems": (0, 2**24),
     "train_problems": (0, 2**30),
 }
 
@@ -272,7 +272,7 @@ class DataConfig:
     def validate(self, at: str = "data") -> None:
         _range(self, at, *BOUNDS["count"], "batch_size", "val_batches")
         _range(self, at, *BOUNDS["digits"], "digits")
-        _range(self, at, *BOUNDS["test_problems"], "test_size")
+        _range(self, at, 1, BOUNDS["test_problems"][1], "test_size")  # a run evaluates on a test set
         _range(self, at, *BOUNDS["train_problems"], "train_size")
         why = arithmetic_error(self.digits, self.test_size, self.train_size) if self.kind == "arithmetic" else None
         if why:

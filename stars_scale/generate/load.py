@@ -77,9 +77,14 @@ def load_codec(run, ckpt_dir: Path, tokenizer: str | None = None) -> Codec:
     dirs = _data_dirs(run)
     if run.data.kind == "arithmetic" or (dirs and _is_arithmetic_shards(dirs[0])):
         return arithmetic_codec()
-    for d in dirs:
-        if (d / "tokenizer.json").is_file():
-            return tokenizer_codec(d / "tokenizer.json")
+    for d in dirs:  # the tokenizer file the dataset's manifest lists, resolved inside the dataset
+        from stars_scale.data.shards import MANIFEST, Manifest
+
+        if not (d / MANIFEST).is_file():  # the data is not on this machine
+            continue
+        tpath = Manifest.load(d).tokenizer_path()
+        if tpath is not None and tpath.is_file():
+            return tokenizer_codec(tpath)
     raise UserError(f"{ckpt_dir}: no tokenizer found (none next to the weights or the training data); "
                     "pass --tokenizer PATH/tokenizer.json")
 
