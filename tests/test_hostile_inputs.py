@@ -419,3 +419,48 @@ def test_generate_with_flash_attention_on_a_cpu_device_is_one_line(tmp_path):
                                        "--depth", "2", "--device", "cpu"])
     assert_one_line_exit2(rc, err, "flash")
     assert "model.attention" in err and "cpu" in err, err
+
+
+def _numeric_flags():
+    """(CLI, subcommand argv, flag, bounds) for every numeric flag of stars-generate, stars-eval and
+    stars-plan, read from the parsers themselves (a new flag is covered without editing this list)."""
+    import argparse
+
+    from stars_scale.cli import eval as eval_cli
+    from stars_scale.cli import generate as generate_cli
+    from stars_scale.cli import plan as plan_cli
+
+    def walk(parser, prefix):
+        for a in parser._actions:  # argparse has no public listing of its actions
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from walk(sub, [*prefix, name])
+            elif a.option_strings:
+                assert a.type not in (int, float), f"{a.option_strings[0]} is parsed without bounds"
+                if getattr(a.type, "bounds", None):
+                    yield prefix, a.option_strings[0], a.type.bounds
+
+    for name, mod in (("generate", generate_cli), ("eval", eval_cli), ("plan", plan_cli)):
+        for prefix, flag, bounds in walk(mod.build_parser(), []):
+            yield pytest.param(mod, prefix, flag, bounds, id=f"{name}-{' '.join(prefix)}{flag}")
+
+
+@pytest.mark.parametrize("mod,prefix,flag,bounds", list(_numeric_flags()))
+def test_every_numeric_flag_refuses_huge_and_impossible_values(mod, prefix, flag, bounds):
+    """NaN, infinities, huge and negative numbers at every numeric flag: one line naming the flag,
+    before any file is read (the checkpoint and config named here do not exist)."""
+    lo, hi = bounds
+    values = ["nan", "inf", "-inf", "-1e30", "1e400", "-99999999999999999999999999", "x"]
+    if hi != float("inf"):
+        values += ["1e30", "99999999999999999999999999"]
+    required = {"generate": ["--checkpoint", "none", "--prompt", "1+1="], "depth": ["--checkpoint", "none"],
+                "lm": ["--checkpoint", "none", "--tasks", "t"], "plan": ["--config", "none.yaml", "--nodes", "1",
+                                                                          "--gpus-per-node", "1"]}
+    key = prefix[0] if prefix else mod.__name__.rsplit(".", 1)[-1]
+    for v in values:
+        argv = [*prefix, *required[key], f"{flag}={v}"]
+        if flag in ("--nodes", "--gpus-per-node"):
+            argv = [*prefix, "--config", "none.yaml", "--nodes", "1", "--gpus-per-node", "1", f"{flag}={v}"]
+        rc, err = run_main(mod.main, argv)
+        assert_one_line_exit2(rc, err, argv)
+        assert flag in err, (argv, err)

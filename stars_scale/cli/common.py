@@ -52,7 +52,7 @@ class OneLineParser(argparse.ArgumentParser):
 def int_flag(kind: str, lo: int | None = None, hi: int | None = None) -> Callable[[str], int]:
     """argparse type: an integer (`12`, `1e9`) within the config's BOUNDS[kind] (ends overridable),
     so a flag is refused at parse time by the same rule as the config field it stands for."""
-    from stars_scale.config import bound_error, parse_int
+    from stars_scale.config import BOUNDS, bound_error, parse_int
 
     def parse(text: str) -> int:
         value = parse_int(text)
@@ -63,6 +63,7 @@ def int_flag(kind: str, lo: int | None = None, hi: int | None = None) -> Callabl
             raise argparse.ArgumentTypeError(why)
         return value
 
+    parse.bounds = (BOUNDS[kind][0] if lo is None else lo, BOUNDS[kind][1] if hi is None else hi)  # type: ignore[attr-defined]
     return parse
 
 
@@ -81,4 +82,5 @@ def float_flag(lo: float, hi: float = math.inf, lo_open: bool = False) -> Callab
             raise argparse.ArgumentTypeError(f"must be <= {hi:g}, got {value:g}")
         return value
 
+    parse.bounds = (lo, hi)  # type: ignore[attr-defined]
     return parse
