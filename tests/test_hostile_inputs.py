@@ -163,6 +163,22 @@ def _hf_dir(tmp_path: Path) -> Path:
     return tmp_path / "hf"
 
 
+def test_convert_max_sizes_are_bounded(tmp_path):
+    """A huge --max-seq-len reached torch as a tensor size (traceback); a huge --max-shard-size
+    overflowed int()."""
+    from stars_scale.cli.convert import main as convert_main
+
+    hf = _hf_dir(tmp_path)
+    for extra in (["--max-seq-len", "99999999999999999999"], ["--max-seq-len", "1e30"]):
+        rc, err = run_main(convert_main, ["import", str(hf), "--from", "hf", "--out", str(tmp_path / "o"), *extra])
+        assert_one_line_exit2(rc, err, extra)
+        assert "--max-seq-len" in err
+    rc, err = run_main(convert_main, ["export", str(tmp_path / "conv"), "--to", "hf", "--out", str(tmp_path / "e"),
+                                      "--max-shard-size", "9" * 400 + "GB"])
+    assert_one_line_exit2(rc, err, "shard size")
+    assert "--max-shard-size" in err and not (tmp_path / "e").exists() and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("kind", ["dotdot", "absolute", "link-out", "url"])
 def test_weight_map_entries_leaving_the_source_are_refused(tmp_path, kind):
     from stars_scale.cli.convert import main as convert_main
@@ -422,12 +438,13 @@ def test_generate_with_flash_attention_on_a_cpu_device_is_one_line(tmp_path):
 
 
 def _numeric_flags():
-    """(CLI, subcommand argv, flag, bounds) for every numeric flag of stars-generate, stars-eval and
-    stars-plan, read from the parsers themselves (a new flag is covered without editing this list)."""
+    """(CLI, subcommand argv, flag, bounds) for every numeric flag of stars-generate, stars-eval,
+    stars-plan and stars-convert, read from the parsers themselves (a new flag is covered without editing this list)."""
     import argparse
 
     from stars_scale.cli import eval as eval_cli
     from stars_scale.cli import generate as generate_cli
+    from stars_scale.cli import convert as convert_cli
     from stars_scale.cli import plan as plan_cli
 
     def walk(parser, prefix):
@@ -438,13 +455,13 @@ def _numeric_flags():
             elif a.option_strings and (a.type in (int, float) or getattr(a.type, "bounds", None)):
                 yield prefix, a.option_strings[0], getattr(a.type, "bounds", None)  # None: a bare int/float
 
-    for name, mod in (("generate", generate_cli), ("eval", eval_cli), ("plan", plan_cli)):
+    for name, mod in (("generate", generate_cli), ("eval", eval_cli), ("plan", plan_cli), ("convert", convert_cli)):
         for prefix, flag, bounds in walk(mod.build_parser(), []):
             yield pytest.param(mod, prefix, flag, bounds, id=f"{name}-{' '.join(prefix)}{flag}")
 
 
 @pytest.mark.parametrize("mod,prefix,flag,bounds", list(_numeric_flags()))
-def test_every_numeric_flag_refuses_huge_and_impossible_values(mod, prefix, flag, bounds):
+def test_every_numeric_flag_refuses_huge_and_impossible_values(mod, prefix, flag, bounds, workdir):
     """NaN, infinities, huge and negative numbers at every numeric flag: one line naming the flag,
     before any file is read (the checkpoint and config named here do not exist)."""
     assert bounds is not None, f"{flag} is parsed as a bare int/float, without the config's bounds"
@@ -454,7 +471,8 @@ def test_every_numeric_flag_refuses_huge_and_impossible_values(mod, prefix, flag
         values += ["1e30", "99999999999999999999999999"]
     required = {"generate": ["--checkpoint", "none", "--prompt", "1+1="], "depth": ["--checkpoint", "none"],
                 "lm": ["--checkpoint", "none", "--tasks", "t"], "plan": ["--config", "none.yaml", "--nodes", "1",
-                                                                          "--gpus-per-node", "1"]}
+                                                                          "--gpus-per-node", "1"],
+                "import": ["none", "--from", "hf", "--out", "none-out"]}
     key = prefix[0] if prefix else mod.__name__.rsplit(".", 1)[-1]
     for v in values:
         argv = [*prefix, *required[key], f"{flag}={v}"]

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from stars_scale.config import RunConfig
+from stars_scale.config import RunConfig, bound_error
 from stars_scale.convert import huginn, llama, native, ouro
 from stars_scale.convert.card import load_depth_scaling, render_card
 from stars_scale.convert.checkpoint import (DEPTH_SCALING_NAME, cast_state_dict, check_state_dict,
@@ -61,8 +61,9 @@ def convert_from_hf(fmt: str, src: str | Path, *, prelude: str | None = None, co
     else:
         run, sd, notes = native.import_native(hf)
     if max_seq_len is not None:
-        if max_seq_len < 1:
-            raise UserError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+        why = bound_error(max_seq_len, "width")  # model.max_seq_len's own bounds
+        if why:
+            raise UserError(f"--max-seq-len: {why}")
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, max_seq_len=max_seq_len))
     check_state_dict(run.model, {k: v for k, v in sd.items()
                                  if not (run.model.tie_embeddings and k == "lm_head.weight")},
