@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("depth", help="accuracy / loss, ||dh|| and rho against test-time loop depth")
     d.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
-    d.add_argument("--depths", default="1,2,4,8,16,32,64", help="comma-separated depths")
+    d.add_argument("--depths", type=parse_depths, default="1,2,4,8,16,32,64", help="comma-separated depths")
     d.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>)")
     d.add_argument("--samples", type=int_flag("count"), default=None,
                    help="test samples (default: the config's eval.samples)")
@@ -59,7 +59,8 @@ def add_lm_parser(sub) -> None:
     lm = sub.add_parser("lm", help="lm-evaluation-harness tasks against loop depth (needs the eval extra)")
     lm.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or converted dir")
     lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    lm.add_argument("--depths", default="4,8,16,32", help="fixed depths (with --exit: the max depth of each run)")
+    lm.add_argument("--depths", type=parse_depths, default="4,8,16,32",
+                    help="fixed depths (with --exit: the max depth of each run)")
     lm.add_argument("--exit", default=None, choices=("delta", "kl", "contraction"), help="per-token exit rule")
     lm.add_argument("--tol", type=float_flag(0.0, lo_open=True), default=None, help="exit-rule tolerance")
     lm.add_argument("--limit", type=float_flag(0.0, lo_open=True), default=None,
@@ -112,7 +113,7 @@ def _main(argv: list[str] | None) -> int:
         from stars_scale.parallel.dcp import read_model_state
         from stars_scale.train import checkpoint as ckpt
 
-        depths = parse_depths(args.depths)
+        depths = args.depths  # parsed and bounded by parse_depths before anything is imported
         path = ckpt.resolve_checkpoint(args.checkpoint)
         cfg_path = path / "config.yaml"
         if not cfg_path.is_file():
@@ -156,7 +157,7 @@ def _lm(args) -> int:
 
     from stars_scale.eval.lm_harness import lm_depth_scaling, plot_lm_depth_scaling  # UserError if missing
 
-    depths = parse_depths(args.depths)
+    depths = args.depths
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks: expected comma-separated lm-eval task names")
