@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_fuzz_inputs import BASE, _yaml_text, assert_one_line_exit2, run_main
+from cli_cases import BASE, _yaml_text, assert_one_line_exit2, run_main
 
 from stars_scale.cli import data as data_cli
 from stars_scale.cli import train as train_cli
