@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from stars_scale.cli.common import OneLineParser, float_flag, int_flag, run_cli
+from stars_scale.cli.common import run_cli
 from stars_scale.convert.card import human_count
 from stars_scale.convert.api import (DTYPES, EXPORT_FORMATS, IMPORT_FORMATS, export_checkpoint,
                                      import_checkpoint)
@@ -37,6 +37,8 @@ def parse_size(text: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stars_scale.cli.flags import OneLineParser, float_flag, int_flag
+
     p = OneLineParser(prog="stars-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="HF directory -> stars_scale checkpoint directory")

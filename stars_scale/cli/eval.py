@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import OneLineParser, float_flag, int_flag, one_line, run_cli
+from stars_scale.cli.common import run_cli
 
 
 def parse_depths(text: str) -> list[int]:
@@ -30,6 +30,8 @@ def parse_depths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stars_scale.cli.flags import OneLineParser, int_flag
+
     p = OneLineParser(prog="stars-eval", description="Evaluate a looped LM.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("depth", help="accuracy / loss, ||dh|| and rho against test-time loop depth")
@@ -56,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_lm_parser(sub) -> None:
+    from stars_scale.cli.flags import float_flag, int_flag
+
     lm = sub.add_parser("lm", help="lm-evaluation-harness tasks against loop depth (needs the eval extra)")
     lm.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or converted dir")
     lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
@@ -78,6 +82,8 @@ def add_lm_parser(sub) -> None:
 
 def add_exit_args(d: argparse.ArgumentParser) -> None:
     """`depth --exit RULES --tol T`: greedy generation under per-token exit rules (arithmetic)."""
+    from stars_scale.cli.flags import int_flag
+
     d.add_argument("--exit", default=None,
                    help="comma-separated exit rules to evaluate next to the fixed depths: delta,kl,contraction "
                         "(or all); reports accuracy and mean/p99 loops per generated token")
@@ -126,10 +132,11 @@ def _main(argv: list[str] | None) -> int:
         except RuntimeError as e:
             raise UserError(f"{path}: the weights do not match the checkpoint's config ({e})") from None
         samples = args.samples or cfg.eval.samples
+        if samples < 1:
+            raise UserError(f"--samples: must be >= 1, got {samples}")
         batch, has_acc = build_eval_batch(cfg, samples)
         with torch.no_grad():
-            rho_iters = args.rho_iters if args.rho_iters is not None else cfg.eval.rho_iters
-            results = depth_sweep(model, batch, depths, rho_iters=rho_iters,
+            results = depth_sweep(model, batch, depths, rho_iters=args.rho_iters or cfg.eval.rho_iters,
                                   batch_size=cfg.eval.batch_size, seed=cfg.seed, has_accuracy=has_acc)
         results["step"] = state.get("step")
         results["checkpoint"] = str(path)
@@ -230,6 +237,8 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
         raise UserError("--exit: needs --tol")
     settings = parse_tols(args.tol, rules)
     max_depth = args.max_depth or max(results["depths"])
+    if max_depth < 1 or args.cache_slots < 1 or args.exit_rho_iters < 0:
+        raise UserError("--max-depth and --cache-slots must be >= 1, --exit-rho-iters >= 0")
     with torch.no_grad():
         rows = exit_rule_eval(model, batch, build_task(cfg).prompt_len, settings, max_depth=max_depth, eos_id=EOS,
                               cache=args.cache, cache_slots=args.cache_slots, rho_iters=args.exit_rho_iters,
@@ -269,15 +278,16 @@ def _compare(args) -> int:
 
 
 def _run_tracker(cfg, run_id: str):
-    """The checkpoint's MLflow run, or None (with a one-line warning) when it cannot be reached."""
+    """The checkpoint's MLflow run, or None (with a warning) when it cannot be reached."""
+    import warnings
+
     try:
         from stars_scale.tracking.mlflow_tracker import MlflowTracker, default_tracking_uri
 
         return MlflowTracker(default_tracking_uri(cfg.tracking.tracking_uri), cfg.tracking.experiment,
                              run_id=run_id)
     except Exception as e:
-        print(f"warning: {one_line(f'MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk')}",
-              file=sys.stderr)
+        warnings.warn(f"MLflow run {run_id} not reachable ({type(e).__name__}: {e}); results are only on disk")
         return None
 
 

@@ -13,11 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-from stars_scale.cli.common import OneLineParser, float_flag, int_flag, run_cli
+from stars_scale.cli.common import run_cli
 
 
 def add_generation_args(p: argparse.ArgumentParser, depth_required: bool = False) -> None:
     """Depth / exit-rule / cache options shared by stars-generate and stars-eval."""
+    from stars_scale.cli.flags import float_flag, int_flag
     from stars_scale.generate.exit_rules import RULES
 
     p.add_argument("--depth", type=int_flag("depth"), default=None,
@@ -82,6 +83,8 @@ def resolve_device(name: str | None) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stars_scale.cli.flags import OneLineParser, float_flag, int_flag
+
     p = OneLineParser(prog="stars-generate", description="Generate text with a looped LM.")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (latest checkpoint) or converted dir")
     src = p.add_mutually_exclusive_group(required=True)

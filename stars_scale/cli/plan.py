@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from stars_scale.cli.common import OneLineParser, float_flag, int_flag, run_cli
+from stars_scale.cli.common import run_cli
 from stars_scale.config import load_config
 from stars_scale.plan import GPUS, format_plan, plan, plan_to_dict
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from stars_scale.cli.flags import OneLineParser, float_flag, int_flag
+
     p = OneLineParser(prog="stars-plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
