@@ -11,6 +11,7 @@ import dataclasses
 import keyword
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,65 @@ _MAX_WIDTH = 2**24  # widths, vocabularies, sequence lengths
 _MAX_BLOCKS = 4096
 _MAX_DEPTH = 100_000  # loop iterations
 _MAX_FLOAT = 1e30  # scales and rates: far beyond any sane value, well inside float32
+_MAX_YAML_NODES = 100_000  # a config's nodes with every alias expanded (a real one has hundreds)
+
+# Bounds (inclusive) shared by config fields and the CLI flags that stand for them
+# (`cli/common.int_flag`): a flag is refused at parse time by the same rule as its field.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "depth": (1, _MAX_DEPTH),  # loop iterations: depth.*, eval.depths, --depth, --max-depth, --depths
+    "power_iters": (1, 1000),  # power-iteration steps: stars.iters, eval.rho_iters, --rho-iters
+    "seed": (0, 2**63 - 1),  # seed, --seed
+    "count": (1, _MAX_INT),  # sizes: batch sizes, samples, --samples, --batch-size
+    "width": (1, _MAX_WIDTH),  # token counts: model.max_seq_len, --max-new-tokens, --seq-len
+    # n-digit addition: a problem's code a * 10^n + b must fit in int64 (10^(2n) <= 2^63)
+    "digits": (1, 9),
+    "draws": (1, 1_000_000),  # stars-plan --draws: depth statistics settle long before
+    # problem sets held in memory: the test set also as a Python set (~70 bytes a problem), a
+    # fixed training set as int64 codes (8 GiB at the cap)
+    "test_problems": (0, 2**24),
+    "train_problems": (0, 2**30),
+}
+
+
+def bound_error(value: float, kind: str, lo: float | None = None, hi: float | None = None) -> str | None:
+    """Why `value` is outside BOUNDS[kind] (with `lo`/`hi` overriding an end), or None."""
+    b_lo, b_hi = BOUNDS[kind]
+    lo = b_lo if lo is None else lo
+    hi = b_hi if hi is None else hi
+    if value < lo:
+        return f"must be >= {_num(lo)}, got {_short(value)}"
+    if value > hi:
+        return f"must be <= {_num(hi)}, got {_short(value)}"
+    return None
+
+
+def arithmetic_error(digits: int, test_size: int, train_size: int = 0) -> str | None:
+    """Why the n-digit addition task cannot be built with these sizes (field: reason), or None.
+    The one rule for `data.*` and `ArithmeticTask` (which `stars-data arithmetic` builds)."""
+    for name, value, kind in (("digits", digits, "digits"), ("test_size", test_size, "test_problems"),
+                              ("train_size", train_size, "train_problems")):
+        why = bound_error(value, kind)
+        if why:
+            return f"data.{name}: {why}"
+    space = 10 ** (2 * digits)  # pairs (a, b) of n-digit numbers
+    if test_size >= space // 2:
+        return (f"data.test_size: {test_size} is too large for {digits}-digit problems (there are {space}; "
+                f"the test set may take less than half of them, so training draws are not mostly test problems)")
+    return None
+
+
+def parse_int(text: str) -> int | None:
+    """A CLI integer as the config reads one: `12`, `1_000`, or an integral float such as `1e9`;
+    None when `text` is not an integer."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        f = float(text)
+    except ValueError:
+        return None
+    return int(f) if math.isfinite(f) and f.is_integer() else None
 
 
 def _require(cond: bool, field_name: str, msg: str) -> None:
@@ -45,7 +105,13 @@ def _range(obj: Any, at: str, lo: float, hi: float, *names: str, lo_open: bool =
 
 
 def _num(x: float) -> str:
-    return str(x) if isinstance(x, int) and abs(x) < 1e6 else f"{x:g}"
+    if isinstance(x, int) and not isinstance(x, bool):
+        for k in range(40, 128):  # 2**62, 2**63 - 1: exact, not 4.61169e+18
+            if abs(x) in (2**k, 2**k - 1):
+                return f"{'-' if x < 0 else ''}2**{k}{' - 1' if abs(x) == 2**k - 1 else ''}"
+        if abs(x) < 10**12:
+            return str(x)
+    return f"{x:g}"
 
 
 @dataclass
@@ -92,7 +158,7 @@ class ModelConfig:
     kernels: Literal["auto", "torch", "cuda"] = "auto"
 
     def validate(self, at: str = "model") -> None:
-        _range(self, at, 1, _MAX_WIDTH, "vocab_size", "hidden", "heads", "max_seq_len", "mlp_hidden")
+        _range(self, at, *BOUNDS["width"], "vocab_size", "hidden", "heads", "max_seq_len", "mlp_hidden")
         _range(self, at, 1, _MAX_BLOCKS, "n_core")
         _range(self, at, 0, _MAX_BLOCKS, "n_prelude", "n_coda")
         _range(self, at, 1, self.heads, "kv_heads")
@@ -122,7 +188,7 @@ class CurriculumConfig:
     def validate(self, at: str = "depth.curriculum") -> None:
         _range(self, at, 0, _MAX_INT, "steps")
         _range(self, at, 0.0, _MAX_DEPTH, "start", lo_open=True)
-        _range(self, at, 1, _MAX_DEPTH, "backprop_start")
+        _range(self, at, *BOUNDS["depth"], "backprop_start")
 
 
 @dataclass
@@ -139,7 +205,7 @@ class DepthConfig:
     eval_depth: Optional[int] = None  # depth used for validation during training (None: median)
 
     def validate(self, at: str = "depth") -> None:
-        _range(self, at, 1, _MAX_DEPTH, "value", "min", "max", "backprop", "eval_depth")
+        _range(self, at, *BOUNDS["depth"], "value", "min", "max", "backprop", "eval_depth")
         _require(self.max >= self.min, f"{at}.max", f"must be >= depth.min ({self.min}), got {self.max}")
         _range(self, at, -20.0, 20.0, "mu")
         _range(self, at, 0.0, 20.0, "sigma")
@@ -170,7 +236,7 @@ class StarsConfig:
     def validate(self, at: str = "stars") -> None:
         _range(self, at, 0.0, _MAX_FLOAT, "lam")
         _require(not (self.combine == "convex" and self.lam > 1), f"{at}.lam", "must be <= 1 with combine: convex")
-        _range(self, at, 1, 1000, "iters")
+        _range(self, at, *BOUNDS["power_iters"], "iters")
         _range(self, at, 0, _MAX_INT, "warmup_steps", "estimate_every")
         _range(self, at, 0.0, 1.0, "sample_fraction", lo_open=True)
         _range(self, at, 0.0, 1.0, "fd_eps", lo_open=True)
@@ -206,9 +272,14 @@ class DataConfig:
     val_batches: int = 8  # validation batches (from the val split) per evaluation
 
     def validate(self, at: str = "data") -> None:
-        _range(self, at, 1, _MAX_INT, "batch_size", "test_size", "val_batches")
-        _range(self, at, 1, 18, "digits")  # a + b must fit in int64
-        _range(self, at, 0, _MAX_INT, "train_size", "shuffle_buffer")
+        _range(self, at, *BOUNDS["count"], "batch_size", "val_batches")
+        _range(self, at, *BOUNDS["digits"], "digits")
+        _range(self, at, 1, BOUNDS["test_problems"][1], "test_size")  # a run evaluates on a test set
+        _range(self, at, *BOUNDS["train_problems"], "train_size")
+        why = arithmetic_error(self.digits, self.test_size, self.train_size) if self.kind == "arithmetic" else None
+        if why:
+            raise ConfigError(why)
+        _range(self, at, 0, _MAX_INT, "shuffle_buffer")
         _range(self, at, 0, 1024, "num_workers")
         if self.kind == "shards":
             _require(bool(self.path) != bool(self.mixture), f"{at}.path",
@@ -283,10 +354,10 @@ class EvalConfig:
 
     def validate(self, at: str = "eval") -> None:
         for i, dep in enumerate(self.depths):
-            _require(dep >= 1, f"{at}.depths[{i}]", f"must be >= 1, got {dep}")
-            _require(dep <= _MAX_DEPTH, f"{at}.depths[{i}]", f"must be <= {_MAX_DEPTH}, got {dep}")
-        _range(self, at, 1, _MAX_INT, "samples", "batch_size")
-        _range(self, at, 1, 1000, "rho_iters")
+            msg = bound_error(dep, "depth")
+            _require(msg is None, f"{at}.depths[{i}]", str(msg))
+        _range(self, at, *BOUNDS["count"], "samples", "batch_size")
+        _range(self, at, *BOUNDS["power_iters"], "rho_iters")
 
 
 @dataclass
@@ -343,7 +414,7 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
 
     def validate(self, at: str = "") -> None:
-        _require(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+        _range(self, at, *BOUNDS["seed"], "seed")
 
     def to_dict(self) -> dict:
         return _yaml_keys(dataclasses.asdict(self))
@@ -422,9 +493,15 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise TypeError(f"unsupported config type {tp} at {path}")  # programming error
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 60, 40, 60
+
+
 def _short(value: Any) -> str:
-    """repr of a user's value, cut to one short line."""
-    r = repr(value)
+    """repr of a user's value, cut to one short line; never expands a big or nested value (a YAML
+    alias bomb, a recursive list) before cutting it."""
+    r = _REPR.repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
 
 
@@ -437,16 +514,18 @@ def _yaml_keys(d: Any) -> Any:
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    data = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in data.items()}
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            shown = str(key).rstrip("_") if str(key).endswith("_") else str(key)
+    for key in data:  # YAML keys are `from`, never the field's Python spelling `from_`
+        python_spelling = isinstance(key, str) and key.endswith("_") and keyword.iskeyword(key[:-1])
+        if (f"{key}_" if isinstance(key, str) and keyword.iskeyword(key) else key) not in names or python_spelling:
+            shown = key[:60] if isinstance(key, str) else _short(key)
             where = f"{prefix}.{shown}" if prefix else shown
+            hint = f"; write it as '{key[:-1]}'" if python_spelling else ""
             raise ConfigError(
                 f"{where}: unknown config key (known keys{' of ' + prefix if prefix else ''}: "
-                f"{', '.join(sorted(n.rstrip('_') for n in names))})"
+                f"{', '.join(sorted(n.rstrip('_') for n in names))}){hint}"
             )
+    data = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in data.items()}
     kwargs = {}
     for name in names:
         if name in data:
@@ -467,10 +546,51 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _expanded_nodes(root: yaml.Node) -> int | None:
+    """Nodes of the document with every alias expanded (capped just above the budget), counted
+    on the composed graph without expanding it; None when an alias refers to its own ancestor."""
+    def children(node: yaml.Node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, int] = {}
+    path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            path.discard(key)
+            size[key] = min(1 + sum(size[id(c)] for c in children(node)), _MAX_YAML_NODES + 1)
+        elif key not in size:
+            path.add(key)
+            stack.append((node, True))
+            for c in children(node):
+                if id(c) in path:
+                    return None
+                if id(c) not in size:
+                    stack.append((c, False))
+    return size[id(root)]
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two fixes for configs: a key given twice is an error (instead of
-    the later block silently replacing the earlier), and `1e-3` / `1e12` are numbers (YAML 1.2;
-    PyYAML's YAML 1.1 rule wants a dot and a signed exponent and reads them as strings)."""
+    """PyYAML's safe loader with three fixes for configs: a key given twice is an error (instead of
+    the later block silently replacing the earlier), `1e-3` / `1e12` are numbers (YAML 1.2;
+    PyYAML's YAML 1.1 rule wants a dot and a signed exponent and reads them as strings), and a
+    document whose aliases expand to more than _MAX_YAML_NODES nodes (a "billion laughs" bomb)
+    or refer to themselves is refused before anything is built from it."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            n = _expanded_nodes(node)
+            if n is None:
+                raise ConfigError("an alias refers to a node that contains it (a recursive alias)")
+            if n > _MAX_YAML_NODES:
+                raise ConfigError(f"its aliases expand to more than {_MAX_YAML_NODES} values "
+                                  "(an alias bomb?); a config needs a few hundred")
+        return node
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):

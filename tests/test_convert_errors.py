@@ -130,9 +130,15 @@ def test_existing_output_needs_overwrite(tmp_path, llama_dir, capsys):
     (out / "keep.txt").write_text("mine")
     line = cli_error(capsys, ["import", "--from", "llama", str(llama_dir), "--out", str(out), "--core", "1"])
     assert "--overwrite" in line and (out / "keep.txt").read_text() == "mine"
-    assert convert_main(["import", "--from", "llama", str(llama_dir), "--out", str(out), "--core", "1",
-                         "--overwrite"]) == 0
-    assert (out / "config.yaml").is_file() and not (out / "keep.txt").exists()
+    # --overwrite replaces only what stars-convert wrote: a foreign file is kept and refused
+    line = cli_error(capsys, ["import", "--from", "llama", str(llama_dir), "--out", str(out), "--core", "1",
+                              "--overwrite"])
+    assert "'keep.txt'" in line and "refusing" in line and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # into the empty directory, then over its own output
+        assert convert_main(["import", "--from", "llama", str(llama_dir), "--out", str(out), "--core", "1",
+                             "--overwrite"]) == 0
+    assert (out / "config.yaml").is_file()
 
 
 def test_export_to_a_format_that_cannot_hold_the_model(tmp_path, llama_dir, capsys):

@@ -10,9 +10,7 @@ subprocesses.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import shutil
@@ -33,15 +31,8 @@ from stars_scale.cli import eval as eval_cli  # noqa: E402
 from stars_scale.cli import train as train_cli  # noqa: E402
 from stars_scale.config import RunConfig  # noqa: E402
 
-BASE = {
-    "seed": 0,
-    "model": {"vocab_size": 15, "hidden": 32, "heads": 2, "max_seq_len": 16, "mlp_hidden": 64},
-    "depth": {"dist": "fixed", "value": 2},
-    "data": {"digits": 3, "batch_size": 8, "test_size": 16},
-    "train": {"steps": 1, "progress": False, "host_malloc": "system"},
-    "eval": {"samples": 16},
-    "tracking": {"mlflow": False},
-}
+from cli_cases import BASE, _yaml_text, assert_one_line_exit2, run_main  # noqa: E402,F401
+
 FUZZ = settings(max_examples=300, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
@@ -144,10 +135,6 @@ def unknown_key(draw) -> dict:
     return _set(BASE, f"{section}.{key}" if section else key, draw(st.integers()))
 
 
-def _yaml_text(tree: dict) -> bytes:
-    return yaml.safe_dump(tree, sort_keys=False, allow_unicode=True).encode()
-
-
 BROKEN_YAML = st.sampled_from([
     b"model: [unclosed\n", b"model:\n\thidden: 3\n", b"a: b: c\n", b"- 1\n- 2\n", b"just a string\n", b"42\n",
     b"model: !!python/object/apply:os.system ['true']\n", b"[" * 5000, b"{" * 5000, b"model: &a [*a]\n",
@@ -190,23 +177,6 @@ def malformed_set(draw) -> list[str]:
 
 
 # --------------------------------------------------------------------------- running a case
-
-
-def run_main(main, argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse
-            rc = e.code
-    return rc, err.getvalue()
-
-
-def assert_one_line_exit2(rc: int, err: str, case: Any) -> None:
-    assert rc == 2, (case, rc, err[-2000:])
-    assert "Traceback" not in err, (case, err)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), (case, err)
 
 
 @pytest.fixture

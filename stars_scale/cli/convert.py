@@ -9,6 +9,7 @@ Local directories only (no hub access). Bad input prints one line and exits with
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 import torch
@@ -27,12 +28,17 @@ def parse_size(text: str) -> int | None:
         raise UserError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB")
     value, prefix, suffix = float(m.group(1)), m.group(2), m.group(3)
     base = 1024 if suffix.startswith("I") else 1000
-    n = int(value * base ** " KMGT".index(prefix or " "))
+    size = value * base ** " KMGT".index(prefix or " ")
+    if not math.isfinite(size) or size >= 2**63:
+        raise UserError(f"--max-shard-size {text[:40]!r}: too large (0 means: never shard)")
+    n = int(size)
     return None if n == 0 else n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stars-convert", description=__doc__.split("\n\n")[0])
+    from stars_scale.cli.flags import OneLineParser, float_flag, int_flag
+
+    p = OneLineParser(prog="stars-convert", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="HF directory -> stars_scale checkpoint directory")
     imp.add_argument("src", help="local HF directory (config.json + *.safetensors)")
@@ -41,10 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--prelude", help="llama: layers for the prelude, e.g. 0-1 (default none)")
     imp.add_argument("--core", help="llama: layers to loop, e.g. 16-19 (required)")
     imp.add_argument("--coda", help="llama: layers for the coda, e.g. 20-21 (default none)")
-    imp.add_argument("--state-weight", type=float, default=0.5,
+    imp.add_argument("--state-weight", type=float_flag(0.0, 1.0), default=0.5,
                      help="llama: adapter weight a on the state; (1-a) goes to the input (0.5)")
     imp.add_argument("--dtype", choices=DTYPES, default="keep")
-    imp.add_argument("--max-seq-len", type=int, help="override the context length")
+    imp.add_argument("--max-seq-len", type=int_flag("width"), help="override the context length")
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     exp = sub.add_parser("export", help="stars_scale checkpoint -> HF directory")
     exp.add_argument("ckpt", help="stars_scale checkpoint directory (config.yaml + model.safetensors)")
@@ -78,8 +84,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli(lambda: _run(args))
+    return run_cli(lambda: _run(build_parser().parse_args(argv)))  # a bad flag is one line, exit 2
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def _decoder(m):
         return decode_tokens
     from stars_scale.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(Path(m.directory) / m.tokenizer["file"])
+    tok = load_tokenizer(m.tokenizer_path())
     return lambda ids: tok.decode(ids, skip_special_tokens=False)
 
 

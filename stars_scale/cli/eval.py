@@ -10,29 +10,41 @@ from stars_scale.errors import run_cli
 
 
 def parse_depths(text: str) -> list[int]:
+    """`1,2,4,1e3` -> [1, 2, 4, 1000]; each depth within the config's depth bounds."""
+    from stars_scale.config import bound_error, parse_int
     from stars_scale.errors import UserError
 
-    try:
-        depths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"--depths: expected comma-separated positive integers, got {text!r}") from None
-    if not depths or min(depths) < 1:
-        raise UserError(f"--depths: expected comma-separated positive integers, got {text!r}")
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UserError(f"--depths: expected comma-separated positive integers, got {text[:60]!r}")
+    depths = []
+    for x in items:
+        d = parse_int(x)
+        if d is None:
+            raise UserError(f"--depths: expected comma-separated positive integers, got {x[:40]!r}")
+        why = bound_error(d, "depth")
+        if why:
+            raise UserError(f"--depths: each depth {why} (the config's cap on loop iterations)")
+        depths.append(d)
     return depths
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stars-eval", description="Evaluate a looped LM.")
+    from stars_scale.cli.flags import OneLineParser, int_flag
+
+    p = OneLineParser(prog="stars-eval", description="Evaluate a looped LM.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("depth", help="accuracy / loss, ||dh|| and rho against test-time loop depth")
     d.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
-    d.add_argument("--depths", default="1,2,4,8,16,32,64", help="comma-separated depths")
+    d.add_argument("--depths", type=parse_depths, default="1,2,4,8,16,32,64", help="comma-separated depths")
     d.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>)")
-    d.add_argument("--samples", type=int, default=None, help="test samples (default: the config's eval.samples)")
-    d.add_argument("--rho-iters", type=int, default=None, help="power iterations for rho (default: config)")
+    d.add_argument("--samples", type=int_flag("count"), default=None,
+                   help="test samples (default: the config's eval.samples)")
+    d.add_argument("--rho-iters", type=int_flag("power_iters"), default=None,
+                   help="power iterations for rho (default: config)")
     d.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
     add_exit_args(d)
-    d.add_argument("--states", type=int, default=0, metavar="N",
+    d.add_argument("--states", type=int_flag("count", lo=0), default=0, metavar="N",
                    help="also plot the hidden-state trajectories of N examples on their first two principal "
                         "components over max(depths) iterations (states_pca.png/.json)")
     add_lm_parser(sub)
@@ -46,18 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_lm_parser(sub) -> None:
+    from stars_scale.cli.flags import float_flag, int_flag
+
     lm = sub.add_parser("lm", help="lm-evaluation-harness tasks against loop depth (needs the eval extra)")
     lm.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or converted dir")
     lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    lm.add_argument("--depths", default="4,8,16,32", help="fixed depths (with --exit: the max depth of each run)")
+    lm.add_argument("--depths", type=parse_depths, default="4,8,16,32",
+                    help="fixed depths (with --exit: the max depth of each run)")
     lm.add_argument("--exit", default=None, choices=("delta", "kl", "contraction"), help="per-token exit rule")
-    lm.add_argument("--tol", type=float, default=None, help="exit-rule tolerance")
-    lm.add_argument("--limit", type=float, default=None, help="examples per task (or a fraction < 1)")
+    lm.add_argument("--tol", type=float_flag(0.0, lo_open=True), default=None, help="exit-rule tolerance")
+    lm.add_argument("--limit", type=float_flag(0.0, lo_open=True), default=None,
+                    help="examples per task (or a fraction < 1)")
     lm.add_argument("--include-path", default=None, help="a directory of extra task YAMLs (local datasets)")
-    lm.add_argument("--num-fewshot", type=int, default=None)
-    lm.add_argument("--batch-size", type=int, default=16)
+    lm.add_argument("--num-fewshot", type=int_flag("count", lo=0), default=None)
+    lm.add_argument("--batch-size", type=int_flag("count"), default=16)
     lm.add_argument("--cache", default="full", choices=("full", "shared"), help="KV cache scheme for generation")
-    lm.add_argument("--cache-slots", type=int, default=4)
+    lm.add_argument("--cache-slots", type=int_flag("depth"), default=4)
     lm.add_argument("--tokenizer", default=None, help="tokenizer.json (default: next to the weights or the data)")
     lm.add_argument("--out", default=None, help="output dir (default: <run>/eval_<checkpoint>, or <dir>/eval)")
     lm.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
@@ -66,18 +82,26 @@ def add_lm_parser(sub) -> None:
 
 def add_exit_args(d: argparse.ArgumentParser) -> None:
     """`depth --exit RULES --tol T`: greedy generation under per-token exit rules (arithmetic)."""
+    from stars_scale.cli.flags import int_flag
+
     d.add_argument("--exit", default=None,
                    help="comma-separated exit rules to evaluate next to the fixed depths: delta,kl,contraction "
                         "(or all); reports accuracy and mean/p99 loops per generated token")
     d.add_argument("--tol", default=None, help="tolerance for every rule, or RULE=T,... (repeat a rule to sweep)")
-    d.add_argument("--max-depth", type=int, default=None, help="most loops per token (default: max of --depths)")
-    d.add_argument("--exit-rho-iters", type=int, default=0, help="contraction: power-iteration steps for rho-hat")
+    d.add_argument("--max-depth", type=int_flag("depth"), default=None,
+                   help="most loops per token (default: max of --depths)")
+    d.add_argument("--exit-rho-iters", type=int_flag("power_iters", lo=0), default=0,
+                   help="contraction: power-iteration steps for rho-hat")
     d.add_argument("--cache", default="full", choices=("full", "shared"), help="KV cache scheme for --exit")
-    d.add_argument("--cache-slots", type=int, default=4, help="shared cache slots")
+    d.add_argument("--cache-slots", type=int_flag("depth"), default=4, help="shared cache slots")
     d.add_argument("--warm-start", action="store_true", help="continuous-depth warm start under --exit")
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _main(argv))  # a bad flag is one line and exit 2, like any UserError
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         return run_cli(lambda: _compare(args))
@@ -95,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         from stars_scale import checkpoint as ckpt
         from stars_scale.optional import check_run_dependencies
 
-        depths = parse_depths(args.depths)
+        depths = args.depths  # parsed and bounded by parse_depths before anything is imported
         path = ckpt.resolve_checkpoint(args.checkpoint)
         cfg_path = path / "config.yaml"
         if not cfg_path.is_file():
@@ -141,14 +165,12 @@ def _lm(args) -> int:
 
     from stars_scale.eval.lm_harness import lm_depth_scaling, plot_lm_depth_scaling  # UserError if missing
 
-    depths = parse_depths(args.depths)
+    depths = args.depths
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise UserError("--tasks: expected comma-separated lm-eval task names")
     if args.exit and args.tol is None:
         raise UserError(f"--exit {args.exit}: needs --tol")
-    if args.limit is not None and not args.limit > 0:
-        raise UserError(f"--limit: must be > 0, got {args.limit}")
     if args.include_path and not Path(args.include_path).is_dir():
         raise UserError(f"--include-path {args.include_path}: not a directory")
     from stars_scale.cli.generate import resolve_device
@@ -237,11 +259,8 @@ def _state_pca(model, batch, depth: int, examples: int, cfg, has_acc: bool, out:
     """--states N: the PCA of N examples' loop-state trajectories -> states_pca.{json,png}."""
     import torch
 
-    from stars_scale.errors import UserError
     from stars_scale.eval.trajectories import arithmetic_titles, state_pca, write_state_pca
 
-    if examples < 0:
-        raise UserError(f"--states: expected a number of examples >= 0, got {examples}")
     examples = min(examples, batch["input_ids"].shape[0])
     titles = arithmetic_titles(batch, examples) if cfg.data.kind == "arithmetic" else None
     with torch.no_grad():

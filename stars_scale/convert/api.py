@@ -13,19 +13,21 @@ from typing import Any, Callable
 
 import torch
 
-from stars_scale.config import RunConfig
+from stars_scale.config import RunConfig, bound_error
 from stars_scale.convert import huginn, llama, native, ouro
 from stars_scale.convert.card import load_depth_scaling, render_card
 from stars_scale.convert.checkpoint import (DEPTH_SCALING_NAME, cast_state_dict, check_state_dict,
                                             load_converted_run, read_provenance, resolve_weights_dir,
                                             save_converted)
-from stars_scale.convert.hfdir import HFDir, write_safetensors
+from stars_scale.convert.hfdir import INDEX_NAME, SINGLE_NAME, HFDir, write_safetensors
 from stars_scale.errors import UserError
-from stars_scale.utils import StagedDir, atomic_write_json, atomic_write_text
+from stars_scale.utils import StagedDir, atomic_write_json, atomic_write_text, only_own_files
 
 IMPORT_FORMATS = ("huginn", "ouro", "llama", "hf")
 EXPORT_FORMATS = ("huginn", "ouro", "hf")
 DTYPES = ("keep", "fp32", "bf16")
+# what `export_checkpoint` writes: `--overwrite` replaces a directory holding nothing else
+EXPORTED_FILES = ("config.json", SINGLE_NAME, INDEX_NAME, "model-*-of-*.safetensors", "README.md", DEPTH_SCALING_NAME)
 
 _EXPORTERS: dict[str, Callable[[RunConfig, dict], tuple[dict, dict]]] = {
     "huginn": huginn.export_huginn, "ouro": ouro.export_ouro, "hf": native.export_native,
@@ -59,8 +61,9 @@ def convert_from_hf(fmt: str, src: str | Path, *, prelude: str | None = None, co
     else:
         run, sd, notes = native.import_native(hf)
     if max_seq_len is not None:
-        if max_seq_len < 1:
-            raise UserError(f"--max-seq-len must be >= 1, got {max_seq_len}")
+        why = bound_error(max_seq_len, "width")  # model.max_seq_len's own bounds
+        if why:
+            raise UserError(f"--max-seq-len: {why}")
         run = dataclasses.replace(run, model=dataclasses.replace(run.model, max_seq_len=max_seq_len))
     check_state_dict(run.model, {k: v for k, v in sd.items()
                                  if not (run.model.tie_embeddings and k == "lm_head.weight")},
@@ -97,7 +100,8 @@ def export_checkpoint(ckpt: str | Path, fmt: str, out: str | Path, *, dtype: str
                          if p.is_file()), ckpt / DEPTH_SCALING_NAME)
     scaling = load_depth_scaling(scaling_path)
     card = render_card(run, fmt, read_provenance(ckpt), scaling, name or Path(out).name)
-    with StagedDir(out, overwrite=overwrite) as staged:
+    own = only_own_files("config.json", EXPORTED_FILES, "an exported model directory")
+    with StagedDir(out, overwrite=overwrite, what="the exported model", replaceable=own) as staged:
         tmp = staged.path
         files = write_safetensors(tmp, tensors, metadata={"format": "pt"}, max_shard_bytes=max_shard_bytes)
         atomic_write_json(tmp / "config.json", config)

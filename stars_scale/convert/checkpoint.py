@@ -24,13 +24,16 @@ from stars_scale.convert.hfdir import read_json, write_safetensors
 from stars_scale.errors import UserError
 from stars_scale.model.fused import fuse_state_dict
 from stars_scale.model.looped import LoopedLM
-from stars_scale.utils import StagedDir, atomic_write_json
+from stars_scale.utils import StagedDir, atomic_write_json, only_own_files
 
 CONFIG_NAME = "config.yaml"
 WEIGHTS_NAME = "model.safetensors"
 PROVENANCE_NAME = "convert.json"
 DEPTH_SCALING_NAME = "depth_scaling.json"
 FORMAT_TAG = "stars_scale.looped_lm"
+# what the project writes into a converted directory (`stars-eval lm` adds eval/):
+# `--overwrite` replaces a directory holding nothing else
+CONVERTED_FILES = (CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_NAME, DEPTH_SCALING_NAME, "eval")
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -77,7 +80,8 @@ def save_converted(out: str | Path, run: RunConfig, sd: dict[str, torch.Tensor],
     """Write a converted checkpoint directory atomically (staged, then renamed into place)."""
     sd = storable(run.model, sd)
     check_state_dict(run.model, sd, f"converted weights for {out}")
-    with StagedDir(out, overwrite=overwrite) as staged:
+    own = only_own_files(PROVENANCE_NAME, CONVERTED_FILES, "a converted checkpoint")
+    with StagedDir(out, overwrite=overwrite, what="the converted checkpoint", replaceable=own) as staged:
         tmp = staged.path
         save_config(run, tmp / CONFIG_NAME)
         write_safetensors(tmp, sd, metadata={"format": "pt", "stars_scale": FORMAT_TAG})

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stars_scale.errors import UserError
-from stars_scale.utils import atomic_write_json
+from stars_scale.utils import atomic_write_json, resolve_member
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -69,11 +69,15 @@ class HFDir:
             wmap = index.get("weight_map")
             if not isinstance(wmap, dict) or not wmap:
                 raise UserError(f"{index_path}: missing or empty 'weight_map'")
+            out = {}
             for name, fname in wmap.items():
-                if not isinstance(fname, str) or not (self.path / fname).is_file():
+                # a plain file inside the directory (no URL, '..', absolute path or outward link)
+                path = resolve_member(self.path, fname, f"{index_path}: weight_map[{str(name)[:60]!r}]")
+                if not path.is_file():
                     raise UserError(f"{index_path}: tensor {name} points to {fname!r}, "
                                     f"which is not a file in {self.path}")
-            return dict(wmap)
+                out[name] = fname
+            return out
         files = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not files:
             raise UserError(f"{self.path}: no *.safetensors files (and no {INDEX_NAME}); "
@@ -91,7 +95,7 @@ class HFDir:
         h = self._handles.get(fname)
         if h is None:
             try:
-                h = safe_open(str(self.path / fname), framework="pt")
+                h = safe_open(str(resolve_member(self.path, fname, f"{self.path}: weights file")), framework="pt")
             except Exception as e:  # safetensors raises its own error types for bad headers
                 raise UserError(f"{self.path / fname}: not a readable safetensors file: {e}") from None
             self._handles[fname] = h

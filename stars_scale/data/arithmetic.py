@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stars_scale.config import arithmetic_error
 from stars_scale.loss import IGNORE
 
 VOCAB = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "+", "=", " ", "<pad>", "<eos>"]
@@ -52,8 +53,9 @@ class ArithmeticTask:
         self.prompt_len = 2 * n + 2  # "a+b="
         self.seq_len = 3 * n + 5  # prompt, space, n+1 answer digits, EOS
         space = self.modulus * self.modulus
-        if self.test_size >= space // 2:
-            raise ValueError(f"data.test_size={self.test_size} is too large for {n}-digit problems")
+        why = arithmetic_error(n, self.test_size, self.train_size)
+        if why:
+            raise ValueError(why)
         rng = np.random.default_rng([self.seed, _TEST_SALT])
         codes = rng.choice(space, size=self.test_size, replace=False) if space < 2**40 else \
             np.unique(rng.integers(0, space, size=self.test_size))

@@ -60,7 +60,7 @@ def write_arithmetic(opts: ArithmeticOptions) -> fmt.Manifest:
         task = ArithmeticTask(digits=opts.digits, seed=opts.seed, test_size=opts.test_size,
                               reverse_answer=opts.reverse_answer)
     except ValueError as e:
-        raise UserError(str(e).replace("data.test_size", "--test-size")) from None
+        raise UserError(str(e).replace("data.test_size", "--test-size").replace("data.digits", "--digits")) from None
     block_len = task.seq_len
     dtype = fmt.dtype_for_vocab(VOCAB_SIZE)
     per_block = fmt.block_tar_bytes(block_len, dtype, has_mask=True)

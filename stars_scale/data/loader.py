@@ -8,7 +8,7 @@ The stream, per dataset and per (dp_rank, worker) "slot":
   * epoch e: the shards are permuted by an RNG seeded with (seed, dataset, e), identical on
     every process, and dealt round-robin to the dp_size * workers slots, so in every epoch each
     shard belongs to exactly one slot: the dp ranks see disjoint blocks covering the dataset.
-  * a slot reads its shards in order through `wds.WebDataset` and draws from a shuffle buffer
+  * a slot reads its shards in order through webdataset's tar reader and draws from a shuffle buffer
     of `shuffle_buffer` blocks; the buffer is drained at the end of the epoch (an epoch is
     exact), then the next epoch starts with a fresh permutation.
   * with several datasets, each sample comes from dataset d with probability weight_d.
@@ -43,6 +43,7 @@ import torch
 from stars_scale.data import shards as fmt
 from stars_scale.errors import UserError
 from stars_scale.loss import IGNORE
+from stars_scale.utils import open_member
 
 STATE_VERSION = 1
 _CHUNK = 4096
@@ -111,15 +112,29 @@ def _verify_shard(shard: fmt.ShardInfo, path: str) -> None:
     _VERIFIED.add(key)
 
 
+def _tar_samples(paths: list[str]) -> Iterator[dict[str, Any]]:
+    """webdataset samples ({"__key__", "__url__", member: bytes}) of the shard files `paths`, in
+    order; each file opened here (regular files only, no link followed), one at a time."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def opened() -> Iterator[dict[str, Any]]:
+        for p in paths:
+            with open_member(Path(p)) as f:
+                yield {"url": p, "stream": f}
+
+    return group_by_keys(tar_file_expander(opened()))
+
+
 def read_blocks(manifest: fmt.Manifest, shards: list[fmt.ShardInfo], start: int
                 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """(position, block, mask) for positions >= start of the concatenation of `shards`.
 
-    Streams through `wds.WebDataset` (sequential reads, no index). Every block is checked
-    (members, size, ids below vocab_size) and every shard's count against the manifest; a
-    problem raises a UserError naming the shard.
+    Streams through webdataset's tar reader (sequential reads, no index) from files this
+    function opens itself: a shard is a plain file resolved inside the dataset directory
+    (`Manifest.shard_path`), never a URL handed to webdataset's opener (which would run `pipe:`
+    names as shell commands). Every block is checked (members, size, ids below vocab_size) and
+    every shard's count against the manifest; a problem raises a UserError naming the shard.
     """
-    import webdataset as wds
 
     base = 0
     first = len(shards)
@@ -132,8 +147,7 @@ def read_blocks(manifest: fmt.Manifest, shards: list[fmt.ShardInfo], start: int
         return
     todo = shards[first:]
     paths = [str(manifest.shard_path(s)) for s in todo]
-    ds = wds.WebDataset(paths, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    it = iter(ds)
+    it = _tar_samples(paths)
     idx, count, skip, pos = 0, 0, start - base, start
     vocab = manifest.vocab_size
 

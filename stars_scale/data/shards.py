@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 
 from stars_scale.errors import UserError
-from stars_scale.utils import StagedDir, atomic_write_json, current_umask, sha256_file  # noqa: F401 (fmt.sha256_file)
+from stars_scale.utils import (StagedDir, atomic_write_json, current_umask, looks_like_url,  # noqa: F401
+                               only_own_files, resolve_member, sha256_file)
 
 FORMAT = "stars-shards"
 VERSION = 1
@@ -149,11 +150,23 @@ class Manifest:
         return out
 
     def shard_path(self, shard: ShardInfo) -> Path:
+        """The shard's file: a plain file name resolved inside the dataset directory (never a URL,
+        a pipe, a path or a link leading out of it; see `utils.resolve_member`)."""
+        return self.member_path(shard.name, "shard")
+
+    def member_path(self, name: Any, what: str) -> Path:
         assert self.directory is not None
-        return self.directory / shard.name
+        return resolve_member(self.directory, name, f"{self.directory / MANIFEST}: {what}")
+
+    def tokenizer_path(self) -> Path | None:
+        """The tokenizer file the manifest names (text datasets), resolved like a shard."""
+        return self.member_path(self.tokenizer["file"], "tokenizer.file") if "file" in self.tokenizer else None
 
     @classmethod
     def load(cls, directory: str | Path) -> "Manifest":
+        if looks_like_url(str(directory)):
+            raise UserError(f"dataset {str(directory)[:80]!r}: a URL or pipe; expected a local dataset directory "
+                            "(write ./NAME for a directory whose name holds a ':')")
         directory = Path(directory)
         path = directory / MANIFEST
         if not directory.is_dir():
@@ -209,8 +222,7 @@ class Manifest:
                 w = f"{where}shards[{i}]."
                 info = ShardInfo(need(sh, "name", str, w), need(sh, "blocks", int, w),
                                  need(sh, "bytes", int, w), need(sh, "sha256", str, w))
-                if "/" in info.name or info.name.startswith("."):
-                    raise UserError(f"{path}: field {w}name={info.name!r} must be a plain file name")
+                resolve_member(directory, info.name, f"{path}: field {w}name")
                 if info.blocks < 1:
                     raise UserError(f"{path}: field {w}blocks must be >= 1, got {info.blocks}")
                 shards.append(info)
@@ -222,6 +234,8 @@ class Manifest:
         known = {"format", "version", "kind", "seq_len", "block_len", "dtype", "vocab_size", "eos_id",
                  "has_mask", "tokenizer", "total_tokens", "splits"}
         extra = {k: v for k, v in raw.items() if k not in known}
+        if "file" in tok:
+            resolve_member(directory, tok["file"], f"{path}: field tokenizer.file")
         return cls(kind, seq_len, dtype, vocab, eos, has_mask, tok, splits, extra, directory)
 
     def split(self, name: str) -> SplitInfo:
@@ -367,7 +381,8 @@ def decode_sample(sample: dict[str, Any], manifest: Manifest, shard: str) -> tup
 def StagedOutput(out: str | Path, overwrite: bool = False) -> StagedDir:
     """A dataset directory staged and published atomically; never replaces a non-dataset directory."""
     return StagedDir(out, overwrite=overwrite, what="a previous dataset",
-                     replaceable=lambda d: None if (d / MANIFEST).is_file() else f"is not a dataset (no {MANIFEST})")
+                     replaceable=only_own_files(MANIFEST, (MANIFEST, "tokenizer.json", *(f"{s}-*.tar" for s in SPLITS)),
+                                                "a dataset"))
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:

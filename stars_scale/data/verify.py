@@ -93,8 +93,8 @@ def verify_dataset(directory: str | Path, progress: Callable[[str], None] | None
     manifest = fmt.Manifest.load(directory)
     d = Path(directory)
     tok = manifest.tokenizer
-    if "file" in tok:
-        tpath = d / tok["file"]
+    tpath = manifest.tokenizer_path()
+    if tpath is not None:
         if not tpath.is_file():
             raise UserError(f"{tpath}: missing (the manifest names it as the dataset's tokenizer)")
         if tokenizer_sha256(tpath) != tok.get("sha256"):

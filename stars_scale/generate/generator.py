@@ -18,6 +18,7 @@ lengths and batches those of equal length together (exact: no padding enters att
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -79,8 +80,14 @@ class GenerateOptions:
             raise ValueError(f"a fixed exit needs depth >= 1, got {self.depth}")
         if self.exit != "fixed" and self.max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {self.max_depth}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.exit != "fixed" and self.rho_iters < 0:
+            raise ValueError(f"rho_iters must be >= 0, got {self.rho_iters}")
+        if self.cache == "shared" and self.cache_slots < 1:
+            raise ValueError(f"cache_slots must be >= 1, got {self.cache_slots}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails too
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

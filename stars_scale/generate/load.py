@@ -77,9 +77,14 @@ def load_codec(run, ckpt_dir: Path, tokenizer: str | None = None) -> Codec:
     dirs = _data_dirs(run)
     if run.data.kind == "arithmetic" or (dirs and _is_arithmetic_shards(dirs[0])):
         return arithmetic_codec()
-    for d in dirs:
-        if (d / "tokenizer.json").is_file():
-            return tokenizer_codec(d / "tokenizer.json")
+    for d in dirs:  # the tokenizer file the dataset's manifest lists, resolved inside the dataset
+        from stars_scale.data.shards import MANIFEST, Manifest
+
+        if not (d / MANIFEST).is_file():  # the data is not on this machine
+            continue
+        tpath = Manifest.load(d).tokenizer_path()
+        if tpath is not None and tpath.is_file():
+            return tokenizer_codec(tpath)
     raise UserError(f"{ckpt_dir}: no tokenizer found (none next to the weights or the training data); "
                     "pass --tokenizer PATH/tokenizer.json")
 
@@ -93,7 +98,21 @@ def load_model(path: str | Path, device: str = "cpu"):
     run, sd = load_converted_run(d)
     model = LoopedLM(run.model)
     model.load_state_dict(sd)
-    return run, model.to(device).eval(), d
+    model = model.to(device).eval()
+    check_attention(run, model, d)
+    return run, model, d
+
+
+def check_attention(run, model, where: Path) -> None:
+    """The attention backend the config asks for can run where the model now is (`attention:
+    flash` on a CPU device fails only inside the first forward otherwise)."""
+    from stars_scale.model.attention import attention_plan
+
+    p = next(model.parameters())
+    try:
+        attention_plan(p.device.type, p.dtype, 1, run.model.attention)
+    except RuntimeError as e:
+        raise UserError(f"{where}: model.attention: {e} (the model is on {p.device}, {p.dtype})") from None
 
 
 def default_depth(run) -> int:
