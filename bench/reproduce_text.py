@@ -23,7 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reproduce_collapse import train  # one config x seed, timed (bench/ is this script's directory)
+# bench/ is this script's directory: one config x seed trained and timed, the reuse check, the figure
+from reproduce_collapse import refuse_other_runs, train, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"STARS (log-normal depth + penalty)": "text_tiny", "log-normal depth, no penalty": "text_tiny_lognormal",
@@ -62,27 +63,22 @@ def main() -> None:
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    from stars_scale.config import load_config
-    from stars_scale.eval.compare import plot_groups, summarize_group
-    from stars_scale.utils import atomic_write_json
-
     seeds = [int(s) for s in args.seeds.split(",")]
     data = Path(args.data)
     overrides = [f"data.path={data / 'shards'}"] + args.overrides
     out = Path(args.out)
-    for name in RUNS.values():  # before anything trains: never mix two settings in one table
-        for s in seeds:
-            rdir = out / name / f"seed{s}"
-            want = load_config(ROOT / "configs" / f"{name}.yaml", [f"seed={s}"] + overrides)
-            if (rdir / "depth_scaling.json").is_file() and load_config(rdir / "config.yaml") != want:
-                print(f"{rdir}: holds a run of another config than configs/{name}.yaml with these --set; "
-                      "pass another --out (or remove that run)", file=sys.stderr)
-                sys.exit(2)
-    ensure_data(data)
-    runs: dict[str, list[dict]] = {name: [] for name in RUNS.values()}
-    for s in seeds:  # seed by seed: a cut-short reproduction still has every config
-        for name in RUNS.values():
-            runs[name].append(train(name, s, out, overrides))
+    from stars_scale.errors import UserError
+
+    try:
+        refuse_other_runs([(name, s) for s in seeds for name in RUNS.values()], out, overrides)
+        ensure_data(data)
+        runs: dict[str, list[dict]] = {name: [] for name in RUNS.values()}
+        for s in seeds:  # seed by seed: a cut-short reproduction still has every config for the seeds done
+            for name in RUNS.values():
+                runs[name].append(train(name, s, out, overrides))
+    except UserError as e:  # a bad --set or config: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     means = {name: mean_sweep(rs) for name, rs in runs.items()}
     table = {
         "seeds": seeds, "overrides": overrides, "train_depth": TRAIN_DEPTH,
@@ -95,14 +91,8 @@ def main() -> None:
                                      for s, r in zip(seeds, runs[name])]}
                     for label, name in RUNS.items()},
     }
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    for r in (r for rs in runs.values() for r in rs):
-        r["source"] = r["run_dir"]
-    groups = [(label, summarize_group(runs[name])) for label, name in RUNS.items()]
-    plot_groups(groups, docs / "text_depth_scaling.png",
-                f"Python stdlib text, seeds {args.seeds}: validation loss against test-time depth (mean, min-max)")
-    atomic_write_json(docs / "text_results.json", table)
+    write_results(runs, RUNS, Path(args.docs), "text", table,
+                  f"Python stdlib text, seeds {args.seeds}: validation loss against test-time depth (mean, min-max)")
     depths = means["text_tiny"]["depths"]
     print("| config | seed | " + " | ".join(f"r={d}" for d in depths) + " | best r | CPU min |")
     print("|---|---|" + "---|" * (len(depths) + 2))

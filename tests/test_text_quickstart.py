@@ -84,7 +84,7 @@ def test_corpus_file_set_cap_split_and_refusals(tmp_path):
 
 
 def test_quickstart_on_a_stdlib_slice_prints_the_depth_table(tmp_path):
-    corpus = tmp_path / "corpus"
+    corpus = tmp_path / "data" / "pystdlib"  # where configs/lm_tasks/stars_pystdlib_val.yaml reads val.jsonl
     tok, shards = corpus / "tokenizer.json", corpus / "shards"
     res = stars_data("corpus", "--max-bytes", "150kB", "--val-fraction", "0.2", "--vocab-size", "300",
                      "--seq-len", "32", "--shard-size", "20kB", "--out", corpus)
@@ -133,3 +133,23 @@ def test_quickstart_on_a_stdlib_slice_prints_the_depth_table(tmp_path):
     assert res.stderr.count("--- val block") == 6
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["step"] == 5 and summary["best_val_loss"] == min(ds["loss"])
+
+    # the trained text model generates and is scored by lm-eval's loglikelihood_rolling over val.jsonl
+    gen = subprocess.run([sys.executable, "-m", "stars_scale.cli.generate", "--checkpoint", str(tmp_path / "run"),
+                          "--prompt", "def ", "--max-new-tokens", "8", "--depth", "4", "--json"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    out = json.loads(gen.stdout)
+    assert out["prompt"] == "def " and 1 <= len(out["tokens"]) <= 8 and set(out["loops"]) == {4}
+    assert out["completion"] == t.decode(out["tokens"])
+    pytest.importorskip("lm_eval", reason="lm-eval is in the dev/eval extras")
+    env_lm = dict(env, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    lm = subprocess.run([sys.executable, "-m", "stars_scale.cli.eval", "lm", "--checkpoint", str(tmp_path / "run"),
+                         "--tasks", "stars_pystdlib_val", "--include-path", str(ROOT / "configs" / "lm_tasks"),
+                         "--depths", "1,4", "--limit", "2", "--out", str(tmp_path / "lm")],
+                        cwd=tmp_path, env=env_lm, capture_output=True, text=True, timeout=900)
+    assert lm.returncode == 0, lm.stderr[-3000:]
+    table = json.loads((tmp_path / "lm" / "lm_depth_scaling.json").read_text())
+    task = table["tasks"]["stars_pystdlib_val"]
+    assert table["depths"] == [1, 4] and task["metric"] == "bits_per_byte"
+    assert all(x > 0 for x in task["scores"]) and task["scores"][0] != task["scores"][1]
