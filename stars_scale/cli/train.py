@@ -75,13 +75,15 @@ def _print_depth_table(ds: dict) -> dict:
 
 def _print_continuations(trainer, ds: dict, n_prompts: int = 3, prompt_tokens: int = 32,
                          new_tokens: int = 48) -> None:
-    """Text runs: sampled continuations of the first val blocks at the training depth and the sweep's deepest."""
+    """Text runs: sampled continuations of the first val blocks at the training depth and the sweep's deepest,
+    from the final checkpoint as `stars-generate` reads it (this rank alone: no collective)."""
     import torch
 
     from stars_scale.data.shards import Manifest
     from stars_scale.data.verify import first_blocks
+    from stars_scale.errors import UserError
     from stars_scale.generate import GenerateOptions, generate_many
-    from stars_scale.generate.load import default_depth, load_codec
+    from stars_scale.generate.load import default_depth, load_codec, load_model
 
     cfg = trainer.cfg
     if cfg.data.kind != "shards" or not cfg.data.path:
@@ -89,14 +91,16 @@ def _print_continuations(trainer, ds: dict, n_prompts: int = 3, prompt_tokens: i
     manifest = Manifest.load(cfg.data.path)
     if manifest.kind != "text" or "val" not in manifest.splits:
         return
-    model = trainer.full_model()
-    if model is None:
+    try:
+        run, model, wdir = load_model(trainer.out)
+    except UserError as e:
+        print(f"no continuations: {e}", file=sys.stderr)
         return
-    codec = load_codec(cfg, trainer.out)
+    codec = load_codec(run, wdir)
     n_prompt = min(prompt_tokens, cfg.model.max_seq_len // 2)  # room for the continuation
     n_new = min(new_tokens, cfg.model.max_seq_len - n_prompt)
     prompts = [b.tokens[:n_prompt].astype("int64").tolist() for b in first_blocks(manifest, "val", n_prompts)]
-    for depth in sorted({default_depth(cfg), max(ds["depths"])}):
+    for depth in sorted({default_depth(run), max(ds["depths"])}):
         opts = GenerateOptions(max_new_tokens=n_new, depth=depth, temperature=0.8, top_k=40,
                                eos_id=codec.eos_id, seed=cfg.seed)
         with torch.no_grad():
