@@ -56,20 +56,40 @@ def train(name: str, seed: int, out: Path, overrides: list[str], quiet: bool = F
     return r
 
 
-def train_all(seeds: list[int], out: Path, overrides: list[str], jobs: int) -> dict[str, list[dict]]:
-    """Every config x seed, `jobs` trainings at a time (the longest-running config first)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def refuse_other_runs(work: list[tuple[str, int]], out: Path, overrides: list[str]) -> None:
+    """Before anything trains: exit 2 if a finished run in `out` has another config (never mix two settings)."""
     from stars_scale.config import load_config
 
-    work = [(name, s) for name in reversed(list(RUNS.values())) for s in seeds]
-    for name, seed in work:  # before anything trains: never mix two settings in one table
+    for name, seed in work:
         rdir = out / name / f"seed{seed}"
         want = load_config(ROOT / "configs" / f"{name}.yaml", [f"seed={seed}"] + overrides)
         if (rdir / "depth_scaling.json").is_file() and load_config(rdir / "config.yaml") != want:
             print(f"{rdir}: holds a run of another config than configs/{name}.yaml with these --set; "
                   "pass another --out (or remove that run)", file=sys.stderr)
             sys.exit(2)
+
+
+def write_results(runs: dict[str, list[dict]], labels: dict[str, str], docs: Path, stem: str, table: dict,
+                  title: str) -> None:
+    """docs/<stem>_depth_scaling.png (per config, label -> name: the seed mean and min-max band of its
+    sweeps) and docs/<stem>_results.json (`table`)."""
+    from stars_scale.eval.compare import plot_groups, summarize_group
+    from stars_scale.utils import atomic_write_json
+
+    docs.mkdir(parents=True, exist_ok=True)
+    for r in (r for rs in runs.values() for r in rs):
+        r["source"] = r["run_dir"]
+    plot_groups([(label, summarize_group(runs[name])) for label, name in labels.items()],
+                docs / f"{stem}_depth_scaling.png", title)
+    atomic_write_json(docs / f"{stem}_results.json", table)
+
+
+def train_all(seeds: list[int], out: Path, overrides: list[str], jobs: int) -> dict[str, list[dict]]:
+    """Every config x seed, `jobs` trainings at a time (the longest-running config first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = [(name, s) for name in reversed(list(RUNS.values())) for s in seeds]
+    refuse_other_runs(work, out, overrides)
     if jobs <= 1:
         done = {w: train(*w, out, overrides) for w in work}
     else:
@@ -122,8 +142,6 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="trainings at a time (one torch thread each)")
     args = ap.parse_args()
     from stars_scale.errors import UserError
-    from stars_scale.eval.compare import plot_groups, summarize_group
-    from stars_scale.utils import atomic_write_json
 
     seeds = [int(s) for s in args.seeds.split(",")]
     try:
@@ -144,14 +162,8 @@ def main() -> None:
                                      for s, c, r in zip(seeds, per_seed[name], runs[name])]}
                     for label, name in RUNS.items()},
     }
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    for r in (r for rs in runs.values() for r in rs):
-        r["source"] = r["run_dir"]
-    groups = [(label, summarize_group(runs[name])) for label, name in RUNS.items()]
-    plot_groups(groups, docs / "collapse_depth_scaling.png",
-                f"depth collapse: 2-digit addition, seeds {args.seeds} (mean, min-max band)")
-    atomic_write_json(docs / "collapse_results.json", table)
+    write_results(runs, RUNS, Path(args.docs), "collapse", table,
+                  f"depth collapse: 2-digit addition, seeds {args.seeds} (mean, min-max band)")
     depths = runs["collapse_fixed"][0]["depths"]
     print("| config | seed | " + " | ".join(f"r={d}" for d in depths) + " | peak | kept at 4x | worst kept, 1x-8x |")
     print("|---|---|" + "---|" * (len(depths) + 3))

@@ -1,5 +1,6 @@
 """`stars-data`: build, train tokenizers for, and check pre-tokenised shard datasets.
 
+  stars-data corpus --out DIR [--vocab-size 2048 --seq-len 128 | --text-only]   # Python's stdlib, shards
   stars-data train-tokenizer CORPUS... --vocab-size 512 --out tok.json
   stars-data prepare CORPUS... --tokenizer tok.json --seq-len 1024 --out DIR [--val-fraction 0.01]
   stars-data arithmetic --digits 3 --samples 100000 --out DIR
@@ -30,6 +31,20 @@ def _size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stars-data", description="Pre-tokenised webdataset shards for stars_scale.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("corpus", help="write this Python's standard-library sources as a text corpus with a "
+                                      "deterministic train/val split (nothing is downloaded)")
+    c.add_argument("--out", required=True, help="corpus directory to create (corpus.jsonl, train.jsonl, val.jsonl, "
+                                                "corpus.json)")
+    c.add_argument("--max-bytes", type=_size, default="4MB", help="cap on the corpus size (default 4MB)")
+    c.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents in the val split")
+    c.add_argument("--root", default=None, help="stdlib directory (default: this interpreter's)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing corpus in --out")
+    c.add_argument("--text-only", action="store_true", help="write the text only (no tokenizer, no shards)")
+    c.add_argument("--vocab-size", type=int, default=2048, help="byte-level BPE trained on train.jsonl")
+    c.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence of the shards")
+    c.add_argument("--shard-size", type=_size, default="1MB", help="target shard size")
+    c.add_argument("--workers", type=int, default=0, help="tokeniser processes (0: one per core)")
 
     t = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on local text files")
     t.add_argument("inputs", nargs="+", help="text files or directories (.txt, .jsonl, optionally .gz)")
@@ -76,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--chars", type=int, default=400, help="characters of each decoded sample to print")
     i.add_argument("--verify", action="store_true", help="read and check every shard against the manifest")
     return p
+
+
+def _corpus(args) -> int:
+    from stars_scale.data.corpus import CorpusOptions, write_corpus
+
+    r = write_corpus(CorpusOptions(out=args.out, root=args.root, max_bytes=args.max_bytes,
+                                   val_fraction=args.val_fraction, overwrite=args.overwrite,
+                                   vocab_size=None if args.text_only else args.vocab_size, seq_len=args.seq_len,
+                                   shard_size=args.shard_size, workers=args.workers))
+    print(f"wrote {r.out}: Python {r.python} standard library ({r.root}), {r.documents} files; "
+          f"train {r.train_documents} files {r.train_bytes / 1e6:.2f} MB, val {r.val_documents} files "
+          f"{r.val_bytes / 1e6:.2f} MB")
+    if r.tokens:
+        print(f"wrote {r.out / 'tokenizer.json'} (byte-level BPE, {args.vocab_size} tokens, trained on train.jsonl) "
+              f"and {r.out / 'shards'}: seq_len {args.seq_len}, " +
+              ", ".join(f"{k} {v} tokens" for k, v in r.tokens.items()))
+    return 0
 
 
 def _train_tokenizer(args) -> int:
@@ -169,7 +201,7 @@ def _decoder(m):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"train-tokenizer": _train_tokenizer, "prepare": _prepare, "arithmetic": _arithmetic,
+    handlers = {"corpus": _corpus, "train-tokenizer": _train_tokenizer, "prepare": _prepare, "arithmetic": _arithmetic,
                 "inspect": _inspect}
     return run_cli(lambda: handlers[args.command](args))
 
