@@ -29,7 +29,7 @@ _MAX_FLOAT = 1e30  # scales and rates: far beyond any sane value, well inside fl
 _MAX_YAML_NODES = 100_000  # a config's nodes with every alias expanded (a real one has hundreds)
 
 # Bounds (inclusive) shared by config fields and the CLI flags that stand for them
-# (`cli/common.int_flag`): a flag is refused at parse time by the same rule as its field.
+# (`cli/flags.int_flag`): a flag is refused at parse time by the same rule as its field.
 BOUNDS: dict[str, tuple[int, int]] = {
     "depth": (1, _MAX_DEPTH),  # loop iterations: depth.*, eval.depths, --depth, --max-depth, --depths
     "power_iters": (1, 1000),  # power-iteration steps: stars.iters, eval.rho_iters, --rho-iters
