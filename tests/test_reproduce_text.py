@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_data_helpers import stars_data
+from data_helpers import stars_data
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.hidden=16", "model.mlp_hidden=32", "model.vocab_size=300", "model.max_seq_len=32",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_data_helpers import stars_data
+from data_helpers import stars_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
