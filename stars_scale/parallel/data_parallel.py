@@ -29,14 +29,40 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig
+from stars_scale.errors import UserError
 from stars_scale.checkpoint.dcp import Logical, ShardSpec
 from stars_scale.parallel.optim import build_optimizer, build_scheduler
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def load_schedule(scheduler, state: dict) -> None:
-    """The learning-rate schedule from a checkpoint's JSON state, and its rate in the optimizer."""
+def _unlike(saved, fresh, at: str) -> str | None:
+    """Where the JSON `saved` differs in shape from `fresh` (a state of the same object), or None."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict) or set(saved) != set(map(str, fresh)):
+            return f"{at}: expected the keys {sorted(map(str, fresh))}, got {type(saved).__name__} " \
+                   f"{sorted(saved)[:8] if isinstance(saved, dict) else ''}".rstrip()
+        return next((p for k, v in fresh.items() if (p := _unlike(saved[str(k)], v, f"{at}.{k}"))), None)
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(fresh):
+            return f"{at}: expected a list of {len(fresh)}, got {type(saved).__name__}"
+        return next((p for i, (a, b) in enumerate(zip(saved, fresh)) if (p := _unlike(a, b, f"{at}[{i}]"))), None)
+    if fresh is None or isinstance(fresh, bool):
+        return None if saved is None or type(saved) is type(fresh) else f"{at}: expected {fresh!r}, got {type(saved).__name__}"
+    if isinstance(fresh, (int, float)):
+        ok = isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved) \
+            and (isinstance(saved, int) or not isinstance(fresh, int)) and abs(saved) <= 2**62
+        return None if ok else f"{at}: expected a finite {type(fresh).__name__}, got {str(saved)[:40]!r}"
+    return None if type(saved) is type(fresh) else f"{at}: expected {type(fresh).__name__}, got {type(saved).__name__}"
+
+
+def load_schedule(scheduler, state: dict, where: str = "checkpoint state") -> None:
+    """The learning-rate schedule from a checkpoint's JSON state, and its rate in the optimizer.
+    The state must have the shape of this scheduler's own (same keys, types and list lengths,
+    finite numbers): anything else is refused in one line before it is used."""
+    problem = _unlike(state, scheduler.state_dict(), "scheduler")
+    if problem:
+        raise UserError(f"{where}: {problem}")
     scheduler.load_state_dict(state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
