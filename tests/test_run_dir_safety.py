@@ -254,3 +254,58 @@ def test_trainer_state_fields_are_checked(trained, tmp_path, case):
     rc, err = _train(tmp_path / "run.yaml", run, "--resume", str(ck), "--set", "train.steps=3")
     assert_one_line_exit2(rc, err, case)
     assert needle in err, (case, err)
+
+
+# --------------------------------------------------------------------------- metrics.jsonl on a full disk
+
+
+def _disk_full_after(monkeypatch, good_lines: int, modules) -> None:
+    """Appends to metrics.jsonl fail with ENOSPC after `good_lines` lines, half a line written."""
+    import builtins
+
+    real_open = builtins.open
+    count = {"n": 0}
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            count["n"] += 1
+            if count["n"] > good_lines:
+                self.f.write(text[: len(text) // 2])
+                self.f.flush()
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(text)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Full(f) if str(file).endswith("metrics.jsonl") and "a" in mode else f
+
+    for mod in modules:
+        monkeypatch.setattr(mod, "open", fake_open, raising=False)
+
+
+def test_a_full_disk_while_logging_metrics_warns_once_and_training_goes_on(workdir, monkeypatch):
+    from stars_scale.checkpoint import rundir
+    from stars_scale.train import trainer
+
+    _disk_full_after(monkeypatch, 2, [rundir, trainer])
+    cfg = _config(workdir / "c.yaml", train={"steps": 5, "ckpt_every": 2})
+    rc, err = _train(cfg, workdir / "r")
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len([ln for ln in lines if "metrics.jsonl" in ln]) == 1 and "No space left" in err, err
+    assert (workdir / "r" / "checkpoints" / "step_00000005" / "manifest.json").is_file()
+    logged = (workdir / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in logged] == [1, 2]  # whole lines only, no torn half line
+    monkeypatch.undo()
+    rc, err = _train(cfg, workdir / "r", "--resume", "--set", "train.steps=6")  # space again: the log goes on
+    assert rc == 0, err
+    assert [json.loads(ln)["step"] for ln in (workdir / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 6]

@@ -537,6 +537,38 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
+class MetricsLog:
+    """Appends one JSON line per logged step to the run's metrics.jsonl (on the reporting rank). A
+    write that fails (disk full, I/O error) is cut back to the last whole line, warned about once
+    in one line, and training goes on (its checkpoints have their own handling: SaveRetry); when writing works
+    again, one line says how many records are missing."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.missed = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            try:
+                os.truncate(self.path, size)  # never leave half a line for the next one to join
+            except OSError:
+                pass
+            if not self.missed:
+                print(f"warning: {self.path}: cannot append ({e.strerror or type(e).__name__}); training continues, "
+                      "metric lines are missing until it can be written (MLflow, if on, still gets them)",
+                      file=sys.stderr)
+            self.missed += 1
+            return
+        if self.missed:
+            print(f"note: {self.path}: writing again; {self.missed} records are missing", file=sys.stderr)
+            self.missed = 0
+
+
 def set_aside_stale_metrics(path: Path) -> None:
     """A fresh start in a directory whose earlier run died before its first checkpoint: keep that
     run's metrics under another name instead of appending to them."""

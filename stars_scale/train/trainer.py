@@ -112,6 +112,7 @@ class Trainer:
         self.system_metrics: NodeSystemMetrics | None = None
         self.preempt = PreemptionFlag()
         self.pending = ckpt.AsyncSave()
+        self.metrics_log = ckpt.MetricsLog(self.out / "metrics.jsonl")
         self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
     @property
@@ -383,8 +384,7 @@ class Trainer:
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.reports:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self.metrics_log.append(metrics)  # a full disk warns once; training goes on
         if self.tracker is not None:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
