@@ -309,3 +309,20 @@ def test_a_full_disk_while_logging_metrics_warns_once_and_training_goes_on(workd
     rc, err = _train(cfg, workdir / "r", "--resume", "--set", "train.steps=6")  # space again: the log goes on
     assert rc == 0, err
     assert [json.loads(ln)["step"] for ln in (workdir / "r" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 6]
+
+
+# --------------------------------------------------------------------------- the MLflow warning
+
+
+def test_an_mlflow_failure_is_one_warning_line(tmp_path, capfd):
+    from stars_scale.tracking.mlflow_tracker import MlflowTracker
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "e", run_name="r")
+    try:
+        capfd.readouterr()
+        tracker.log_artifact(tmp_path / "no such\nfile.txt")  # MLflow's error text spans lines
+        err = capfd.readouterr().err
+    finally:
+        tracker.close()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: MLflow log_artifact failed"), err
