@@ -97,15 +97,23 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- listing
 
 
+def _is_checkpoint(p: Path) -> bool:
+    """Whether the step directory `p` holds a checkpoint, sound or damaged. A save renames it into
+    place only when it is complete, so one with a manifest or weights (`dcp/`, or the `model.pt`
+    of older formats) is one: if its manifest was deleted it is listed, and then refused in one
+    line by `verify_checkpoint`, never skipped silently and later overwritten. A state file without
+    weights is what a kill left while an older version deleted a checkpoint in place: not one."""
+    if (p / MANIFEST_FILE).is_file() or (p / "dcp").is_dir():
+        return True
+    return (p / STATE_FILE).is_file() and (p / "model.pt").is_file()
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories (not yet verified), oldest first. A save renames a checkpoint into
-    its real name only when it is complete, so every `step_*` directory is one: a damaged one
-    (a deleted manifest.json) is listed, and refused in one line by `verify_checkpoint`, never
-    skipped silently and later overwritten."""
+    """Checkpoint directories (not yet verified), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    out = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir()]
+    out = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir() and _is_checkpoint(p)]
     return sorted(out, key=checkpoint_step)
 
 
@@ -461,8 +469,8 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
-    for key in ("step", "tokens_seen"):
-        v = state.get(key, 0)
+    for key, default in (("step", None), ("tokens_seen", 0)):
+        v = state.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
             raise CheckpointError(f"{path}: {key!r} must be an integer in [0, {MAX_COUNT}], got {_short(v)}")
     for key in ("scheduler", "data", "layout"):
