@@ -182,7 +182,7 @@ def test_a_checkpoint_without_its_manifest_is_named_when_an_older_one_is_used(tr
     assert "resuming from" in err and "step_00000001" in err
 
 
-@pytest.mark.parametrize("name", ["dcp/__1_0.distcp", "tokenizer.json", "notes.txt"])
+@pytest.mark.parametrize("name", ["dcp/__1_0.distcp", "tokenizer.json", "model.safetensors", "notes.txt"])
 def test_an_unlisted_file_in_a_checkpoint_is_refused_by_every_reader(trained, tmp_path, name):
     run = _copy_run(trained, tmp_path)
     ckpt = run / "checkpoints" / "step_00000002"
