@@ -70,6 +70,7 @@ def _rewrite_manifest(ckpt: Path) -> None:
     for rel in m["files"]:
         data = (ckpt / rel).read_bytes()
         m["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    m["step"] = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     (ckpt / "manifest.json").write_text(json.dumps(m))
 
 

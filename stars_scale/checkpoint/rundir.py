@@ -22,7 +22,11 @@ Integrity. A checkpoint is written into a hidden temporary directory; `manifest.
 last, then the directory is renamed into place, so a crash never leaves a half checkpoint under a
 real name. On load every file is checked against the manifest (size, sha256): a flipped bit is
 reported in one line, and a resume from a run directory falls back to the newest checkpoint that
-verifies (and says so). Checkpoints written before manifests existed ("legacy": no manifest.json)
+verifies (and says so). A file in the checkpoint that the manifest does not list (a distcp, a
+`tokenizer.json` or `model.safetensors` dropped in) is refused the same way, and so is a step
+directory whose manifest was deleted. `verify_checkpoint` is the one check of every reader:
+`--resume`, `stars-eval`, `stars-generate`, `stars-convert export`, `init.from`. Trainer and rank
+state fields are checked for type and range before use (`load_state`, `read_rank_state`). Checkpoints written before manifests existed ("legacy": no manifest.json)
 still load, through the same safe loader, with a one-line note that they are unverified.
 
 Ownership. `--out` may be a new or an existing directory; a `config.yaml` there that the project
