@@ -26,8 +26,9 @@ verifies (and says so). A file in the checkpoint that the manifest does not list
 `tokenizer.json` or `model.safetensors` dropped in) is refused the same way, and so is a step
 directory whose manifest was deleted. `verify_checkpoint` is the one check of every reader:
 `--resume`, `stars-eval`, `stars-generate`, `stars-convert export`, `init.from`. Trainer and rank
-state fields are checked for type and range before use (`load_state`, `read_rank_state`). Checkpoints written before manifests existed ("legacy": no manifest.json)
-still load, through the same safe loader, with a one-line note that they are unverified.
+state fields are checked for type and range before use (`load_state`, `read_rank_state`).
+Checkpoints written before manifests existed ("legacy": no manifest.json) still load, through
+the same safe loader, with a one-line note that they are unverified.
 
 Ownership. `--out` may be a new or an existing directory; a `config.yaml` there that the project
 did not write (a user's own config passed as `--config DIR/config.yaml --out DIR`) is refused
