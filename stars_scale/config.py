@@ -677,10 +677,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"{p}: {e}") from None
 
 
+def config_text(cfg: RunConfig) -> str:
+    """The YAML text of `cfg` (what `save_config` writes, and `load_config` reads back)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     from stars_scale.utils import atomic_write_text
 
-    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(Path(path), config_text(cfg))
 
 
 # --------------------------------------------------------------------------- validation

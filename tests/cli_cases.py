@@ -6,6 +6,7 @@ import contextlib
 import io
 from typing import Any
 
+import pytest
 import yaml
 
 BASE = {
@@ -38,3 +39,13 @@ def assert_one_line_exit2(rc: int, err: str, case: Any) -> None:
     assert "Traceback" not in err, (case, err)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), (case, err)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A fresh working directory (the CLIs' relative paths land there), no MLflow server."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return work

@@ -17,20 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_cases import BASE, _yaml_text, assert_one_line_exit2, run_main
+from cli_cases import BASE, _yaml_text, assert_one_line_exit2, run_main, workdir  # noqa: F401 (a fixture)
 
 from stars_scale.cli import data as data_cli
 from stars_scale.cli import train as train_cli
 from stars_scale.errors import UserError
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return work
 
 
 @pytest.fixture(scope="module")

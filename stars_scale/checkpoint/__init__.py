@@ -13,7 +13,8 @@ The entries:
 from stars_scale.checkpoint import dcp
 from stars_scale.checkpoint.dcp import read_checkpoint, read_model_state
 from stars_scale.checkpoint.files import CheckpointError, check_tensor_files, load_tensor_file, save_tensor_file
-from stars_scale.checkpoint.rundir import (MANIFEST_FILE, RANKS_DIR, STATE_FILE, AsyncSave, CheckpointSaveError,
+from stars_scale.checkpoint.rundir import (MANIFEST_FILE, RANKS_DIR, RUN_CONFIG, STATE_FILE, AsyncSave, MetricsLog,
+                                           CheckpointSaveError, identity_changes, open_run_dir, write_run_config,
                                            SaveRetry, checkpoint_root, checkpoint_step, clean_stale,
                                            latest_checkpoint, list_checkpoints, load_state, prune, read_manifest,
                                            read_rank_state, rank_state_text, resolve_checkpoint, save_checkpoint,
@@ -21,7 +22,8 @@ from stars_scale.checkpoint.rundir import (MANIFEST_FILE, RANKS_DIR, STATE_FILE,
                                            verify_checkpoint, write_manifest, write_rank_state)
 
 __all__ = ["dcp", "read_checkpoint", "read_model_state", "CheckpointError", "check_tensor_files", "load_tensor_file",
-           "save_tensor_file", "MANIFEST_FILE", "RANKS_DIR", "STATE_FILE", "AsyncSave", "CheckpointSaveError",
+           "save_tensor_file", "MANIFEST_FILE", "RANKS_DIR", "RUN_CONFIG", "STATE_FILE", "MetricsLog",
+           "identity_changes", "open_run_dir", "write_run_config", "AsyncSave", "CheckpointSaveError",
            "SaveRetry", "checkpoint_root", "checkpoint_step", "clean_stale", "latest_checkpoint", "list_checkpoints",
            "load_state", "prune", "read_manifest", "read_rank_state", "rank_state_text", "resolve_checkpoint",
            "save_checkpoint", "set_aside_stale_metrics", "step_dir_name", "truncate_metrics", "verify_checkpoint",

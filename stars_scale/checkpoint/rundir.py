@@ -2,7 +2,8 @@
 
 Layout of a run directory:
 
-    DIR/config.yaml                      resolved config of the run
+    DIR/config.yaml                      resolved config of the run (first line: RUN_CONFIG_HEADER;
+                                         a config.yaml the project did not write is never replaced)
     DIR/metrics.jsonl                    one JSON object per logged step
     DIR/checkpoints/step_00000020/       one complete checkpoint
         dcp/                             model and optimizer: every rank's pieces (checkpoint/dcp.py)
@@ -21,8 +22,18 @@ Integrity. A checkpoint is written into a hidden temporary directory; `manifest.
 last, then the directory is renamed into place, so a crash never leaves a half checkpoint under a
 real name. On load every file is checked against the manifest (size, sha256): a flipped bit is
 reported in one line, and a resume from a run directory falls back to the newest checkpoint that
-verifies (and says so). Checkpoints written before manifests existed ("legacy": no manifest.json)
-still load, through the same safe loader, with a one-line note that they are unverified.
+verifies (and says so). A file in the checkpoint that the manifest does not list (a distcp, a
+`tokenizer.json` or `model.safetensors` dropped in) is refused the same way, and so is a step
+directory whose manifest was deleted. `verify_checkpoint` is the one check of every reader:
+`--resume`, `stars-eval`, `stars-generate`, `stars-convert export`, `init.from`. Trainer and rank
+state fields are checked for type and range before use (`load_state`, `read_rank_state`).
+Checkpoints written before manifests existed ("legacy": no manifest.json) still load, through
+the same safe loader, with a one-line note that they are unverified.
+
+Ownership. `--out` may be a new or an existing directory; a `config.yaml` there that the project
+did not write (a user's own config passed as `--config DIR/config.yaml --out DIR`) is refused
+rather than replaced, and `--resume` on a directory of another run (another seed, task, model,
+schedule or learning rate: `RUN_IDENTITY`) is refused unless `--allow-config-change` is given.
 
 Crash safety. Old checkpoints beyond `keep_last` are renamed aside (`.step_*.deleting`) and then
 deleted, so a kill mid-prune never leaves a half checkpoint that looks complete; stale temporaries
@@ -53,8 +64,17 @@ STATE_FILE = "trainer_state.json"
 RANKS_DIR = "ranks"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
+MAX_COUNT = 2**62  # steps and tokens beyond any real run (config's bound on counts): int64-safe
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 _STALE_RE = re.compile(r"^\.(step_\d{8}\.(tmp|old|deleting)|latest\..*\.tmp)$")
+
+
+RUN_CONFIG = "config.yaml"
+RUN_CONFIG_HEADER = "# stars_scale: the resolved config of the run in this directory (stars-train rewrites it)\n"
+# the sections of a config that define a run: a resume that changes one of them continues another
+# run. Not part of it (a user may change them on resume): train (steps, intervals, dtype, ...),
+# eval, tracking, parallel (resume on another layout), init (read only at a fresh start).
+RUN_IDENTITY = ("seed", "model", "depth", "stars", "data", "optim")
 
 
 class CheckpointSaveError(UserError):
@@ -82,19 +102,23 @@ def _say(msg: str) -> None:
 # --------------------------------------------------------------------------- listing
 
 
-def _is_complete(p: Path) -> bool:
-    if (p / MANIFEST_FILE).is_file():
+def _is_checkpoint(p: Path) -> bool:
+    """Whether the step directory `p` holds a checkpoint, sound or damaged. A save renames it into
+    place only when it is complete, so one with a manifest or weights (`dcp/`, or the `model.pt`
+    of older formats) is one: if its manifest was deleted it is listed, and then refused in one
+    line by `verify_checkpoint`, never skipped silently and later overwritten. A state file without
+    weights is what a kill left while an older version deleted a checkpoint in place: not one."""
+    if (p / MANIFEST_FILE).is_file() or (p / "dcp").is_dir():
         return True
-    # legacy (no manifest): the state file and the weights are both there
     return (p / STATE_FILE).is_file() and (p / "model.pt").is_file()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories that look complete (not yet verified), oldest first."""
+    """Checkpoint directories (not yet verified), oldest first."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    out = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir() and _is_complete(p)]
+    out = [p for p in root.iterdir() if _STEP_RE.match(p.name) and p.is_dir() and _is_checkpoint(p)]
     return sorted(out, key=checkpoint_step)
 
 
@@ -130,6 +154,61 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise CheckpointError(f"{p}: no complete checkpoint here (expected {STATE_FILE} or checkpoints/step_*/)")
     return latest
+
+
+# --------------------------------------------------------------------------- the run directory
+
+
+def identity_changes(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for every leaf of the RUN_IDENTITY sections where two configs differ."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, at: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(a) + [k for k in b if k not in a]:
+                walk(a.get(k), b.get(k), f"{at}.{k}" if at else str(k))
+        elif a != b:
+            out.append(f"{at}: {a!r} -> {b!r}")
+
+    for key in RUN_IDENTITY:
+        walk(saved.get(key), now.get(key), key)
+    return out
+
+
+def open_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` (or accept an existing directory) and check that files can be written in it."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: --out is not a directory (expected a new or an existing run directory)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write_probe.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{run_dir}: --out is not writable ({e.strerror or type(e).__name__})") from None
+
+
+def write_run_config(run_dir: Path, body: str) -> None:
+    """Write the run's resolved config `body` as DIR/config.yaml, never over a file the project did
+    not write: one with RUN_CONFIG_HEADER, one of the same text, or (written before the header
+    existed) one in a directory that holds this project's checkpoints may be replaced."""
+    path = Path(run_dir) / RUN_CONFIG
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not path.is_file():
+            raise UserError(f"{path}: not a plain file (stars-train writes the run's resolved config there); "
+                            "remove it or choose another --out")
+        try:
+            old = path.read_text(errors="replace")
+        except OSError as e:
+            raise UserError(f"{path}: unreadable ({e.strerror}); stars-train writes the run's config there") from None
+        if not (old.startswith(RUN_CONFIG_HEADER) or old == body or list_checkpoints(run_dir)):
+            raise UserError(f"{path}: a file stars-train did not write (your own config?) would be replaced by the "
+                            "run's resolved config; choose another --out or move the file")
+    try:
+        atomic_write_text(path, RUN_CONFIG_HEADER + body)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write the run's config ({e.strerror or type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------------- manifest
@@ -187,6 +266,12 @@ def verify_checkpoint(ckpt: Path) -> None:
                 raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['size']} (truncated or replaced)")
             if sha256_file(f) != meta["sha256"]:
                 raise CheckpointError(f"{f}: sha256 differs from the manifest (the file is corrupt)")
+        unlisted = [p.relative_to(ckpt).as_posix() for p in _files_under(ckpt)
+                    if p.relative_to(ckpt).as_posix() not in manifest["files"]]
+        if unlisted:
+            more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+            raise CheckpointError(f"{ckpt / unlisted[0]}: not listed in the checkpoint's {MANIFEST_FILE}{more}; "
+                                  "a file added after the save is refused (remove it)")
         if STATE_FILE not in manifest["files"]:
             raise CheckpointError(f"{ckpt / MANIFEST_FILE}: does not list {STATE_FILE}")
         if manifest.get("step") != load_state(ckpt)["step"]:
@@ -389,10 +474,19 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path}: 'step' must be an integer >= 0, got {step!r}")
+    for key, default in (("step", None), ("tokens_seen", 0)):
+        v = state.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
+            raise CheckpointError(f"{path}: {key!r} must be an integer in [0, {MAX_COUNT}], got {_short(v)}")
+    for key in ("scheduler", "data", "layout"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise CheckpointError(f"{path}: {key!r} must be a JSON object, got {type(state[key]).__name__}")
     return state
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # --------------------------------------------------------------------------- per-rank state
@@ -423,10 +517,17 @@ def read_rank_state(ckpt: Path, rank: int, dp_rank: int) -> dict:
     pick = saved.get(rank) if saved.get(rank) in same else (same[0] if same else saved.get(0))
     if pick is None:
         raise UserError(f"{ckpt / RANKS_DIR}: no rank_00000.json")
+    where = f"{ckpt / RANKS_DIR}: rank {pick.get('rank')}"
     try:
         rng = torch.frombuffer(bytearray(base64.b64decode(pick["rng"], validate=True)), dtype=torch.uint8)
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{ckpt / RANKS_DIR}: rank {pick.get('rank')}: bad 'rng' ({e})") from None
+        raise UserError(f"{where}: bad 'rng' ({e})") from None
+    want = torch.get_rng_state().numel()
+    if rng.numel() != want:
+        raise UserError(f"{where}: 'rng' holds {rng.numel()} bytes, the generator's state is {want}")
+    if not isinstance(pick.get("data"), dict):
+        raise UserError(f"{where}: 'data' must be a JSON object (the data position), got "
+                        f"{type(pick.get('data')).__name__}")
     return {"rng": rng, "data": pick.get("data")}
 
 
@@ -447,6 +548,38 @@ def truncate_metrics(path: Path, step: int) -> None:
         if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
             keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to the run's metrics.jsonl (on the reporting rank). A
+    write that fails (disk full, I/O error) is cut back to the last whole line, warned about once
+    in one line, and training goes on (its checkpoints have their own handling: SaveRetry); when writing works
+    again, one line says how many records are missing."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.missed = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            try:
+                os.truncate(self.path, size)  # never leave half a line for the next one to join
+            except OSError:
+                pass
+            if not self.missed:
+                print(f"warning: {self.path}: cannot append ({e.strerror or type(e).__name__}); training continues, "
+                      "metric lines are missing until it can be written (MLflow, if on, still gets them)",
+                      file=sys.stderr)
+            self.missed += 1
+            return
+        if self.missed:
+            print(f"note: {self.path}: writing again; {self.missed} records are missing", file=sys.stderr)
+            self.missed = 0
 
 
 def set_aside_stale_metrics(path: Path) -> None:

@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CKPT",
                    help="resume from the latest checkpoint in --out, or from CKPT (a checkpoint or run dir); "
                         "'--resume auto' starts fresh when --out has no checkpoint yet (requeued jobs)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume a checkpoint whose run differs from this config in seed, model, depth, stars, "
+                        "data or optim (refused without it; train/eval/tracking/parallel may change freely)")
     p.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
                    help="stop cleanly with a checkpoint after N steps of this invocation")
     return p
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.stop_after_steps is not None and args.stop_after_steps < 1:
             raise UserError(f"--stop-after-steps: must be >= 1, got {args.stop_after_steps}")
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        trainer = Trainer(cfg, out, resume=args.resume, stop_after_steps=args.stop_after_steps)
+        trainer = Trainer(cfg, out, resume=args.resume, stop_after_steps=args.stop_after_steps,
+                          allow_config_change=args.allow_config_change)
         result = trainer.run()
         if not trainer.reports:  # under torchrun, one rank reports
             return 0

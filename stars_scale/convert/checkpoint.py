@@ -96,10 +96,16 @@ def resolve_weights_dir(path: str | Path) -> Path:
     versions) or a training run directory (its latest complete checkpoint)."""
     from stars_scale.checkpoint import resolve_checkpoint
 
+    from stars_scale.checkpoint import MANIFEST_FILE, STATE_FILE
+
     d = Path(path)
     if not d.is_dir():
         raise UserError(f"{d}: not a directory")
-    if (d / WEIGHTS_NAME).is_file() or not ((d / "checkpoints").is_dir() or _is_training_checkpoint(d)):
+    # a training checkpoint is verified whatever else lies in it (a model.safetensors dropped
+    # into one is an unlisted file, refused, not read as converted weights)
+    if _is_training_checkpoint(d) or (d / STATE_FILE).is_file() or (d / MANIFEST_FILE).is_file():
+        return resolve_checkpoint(d)
+    if (d / WEIGHTS_NAME).is_file() or not (d / "checkpoints").is_dir():
         return d
     return resolve_checkpoint(d)
 

@@ -29,14 +29,47 @@ import torch
 import torch.distributed as dist
 
 from stars_scale.config import RunConfig
+from stars_scale.errors import UserError
 from stars_scale.checkpoint.dcp import Logical, ShardSpec
 from stars_scale.parallel.optim import build_optimizer, build_scheduler
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def load_schedule(scheduler, state: dict) -> None:
-    """The learning-rate schedule from a checkpoint's JSON state, and its rate in the optimizer."""
+def _unlike(saved, fresh, at: str) -> str | None:
+    """Where the JSON `saved` differs in shape from `fresh` (a state of the same object), or None.
+    A key `fresh` has and `saved` lacks keeps its fresh value (a state of an older torch); a key
+    `saved` adds would become an attribute of the object, and is refused."""
+    if isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            return f"{at}: expected a JSON object, got {type(saved).__name__}"
+        extra = sorted(set(saved) - set(map(str, fresh)))
+        if extra:
+            return f"{at}: unknown key {extra[0]!r}"
+        return next((p for k, v in fresh.items() if str(k) in saved and (p := _unlike(saved[str(k)], v, f"{at}.{k}"))),
+                    None)
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(fresh):
+            got = f"a list of {len(saved)}" if isinstance(saved, list) else type(saved).__name__
+            return f"{at}: expected a list of {len(fresh)}, got {got}"
+        return next((p for i, (a, b) in enumerate(zip(saved, fresh)) if (p := _unlike(a, b, f"{at}[{i}]"))), None)
+    if fresh is None or isinstance(fresh, bool):
+        ok = saved is None or type(saved) is type(fresh)
+    elif isinstance(fresh, (int, float)):
+        ok = (isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+              and (isinstance(saved, int) or not isinstance(fresh, int)) and abs(saved) <= 2**62)
+    else:
+        ok = type(saved) is type(fresh)
+    return None if ok else f"{at}: expected {type(fresh).__name__} (finite), got {str(saved)[:40]!r}"
+
+
+def load_schedule(scheduler, state: dict, where: str = "checkpoint state") -> None:
+    """The learning-rate schedule from a checkpoint's JSON state, and its rate in the optimizer.
+    The state must have the shape of this scheduler's own (same keys, types and list lengths,
+    finite numbers): anything else is refused in one line before it is used."""
+    problem = _unlike(state, scheduler.state_dict(), "scheduler")
+    if problem:
+        raise UserError(f"{where}: {problem}")
     scheduler.load_state_dict(state)
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr

@@ -277,7 +277,7 @@ class Engine:
         self.opt.after_load()
         if scheduler_state is None:
             raise UserError(f"{path / ckpt.STATE_FILE}: no 'scheduler' state")
-        load_schedule(self.opt.scheduler, scheduler_state)
+        load_schedule(self.opt.scheduler, scheduler_state, str(path / ckpt.STATE_FILE))
         return ckpt.read_rank_state(path, self.ps.rank, self.ps.dp_rank)
 
     def _load_rank_files(self, path: Path) -> dict:

@@ -17,13 +17,20 @@ import queue
 import socket
 import threading
 import time
-import warnings
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 log = logging.getLogger("stars_scale.tracking")
+
+
+def _warn(msg: str) -> None:
+    """One `warning:` line on stderr (an exception's text can span lines: joined, and cut at 400
+    characters); `warnings.warn` would add the source line and print two."""
+    text = " ".join(msg.split())
+    print(f"warning: {text if len(text) <= 400 else text[:397] + '...'}", file=sys.stderr, flush=True)
 
 
 def default_tracking_uri(configured: str | None = None) -> str:
@@ -172,7 +179,7 @@ class MlflowTracker:
         try:
             fn()
         except Exception as e:  # tracking must never stop training
-            warnings.warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues", stacklevel=3)
+            _warn(f"MLflow {what} failed ({type(e).__name__}: {e}); training continues")
 
     # ------------------------------------------------------------------ consumer thread
 
@@ -187,7 +194,7 @@ class MlflowTracker:
             for _ in range(overflow):
                 self._pending.popleft()
             self._dropped += overflow
-            warnings.warn(f"MLflow buffer full: dropped {overflow} oldest metric points", stacklevel=2)
+            _warn(f"MLflow buffer full: dropped {overflow} oldest metric points")
 
     def _deliver(self) -> bool:
         from mlflow.entities import Metric
@@ -199,8 +206,8 @@ class MlflowTracker:
             except Exception as e:
                 self._failures += 1
                 if self._failures == 1 or self._failures % 20 == 0:
-                    warnings.warn(f"MLflow unreachable ({type(e).__name__}); {len(self._pending)} metric points "
-                                  "buffered, retrying", stacklevel=2)
+                    _warn(f"MLflow unreachable ({type(e).__name__}); {len(self._pending)} metric points "
+                          "buffered, retrying")
                 return False
             for _ in chunk:
                 self._pending.popleft()
@@ -240,7 +247,7 @@ class MlflowTracker:
         self._thread.join(timeout=10)
         delivered = self.flush(timeout)
         if not delivered:
-            warnings.warn(f"MLflow: {self.buffered} metric points could not be delivered", stacklevel=2)
+            _warn(f"MLflow: {self.buffered} metric points could not be delivered")
         if terminate:
             self._call(lambda: self.client.set_terminated(self.run_id, status=status), "set_terminated")
 
@@ -270,7 +277,7 @@ class NodeSystemMetrics:
             self._tracker = MlflowTracker(tracking_uri, "", run_id=run_id, flush_interval=interval,
                                           mark_running=False)
         except Exception as e:
-            warnings.warn(f"MLflow system metrics unavailable ({type(e).__name__}: {e})", stacklevel=2)
+            _warn(f"MLflow system metrics unavailable ({type(e).__name__}: {e})")
             return
         self._publish()
         self._thread = threading.Thread(target=self._loop, name="mlflow-system-metrics", daemon=True)
@@ -283,7 +290,7 @@ class NodeSystemMetrics:
             for m in self._monitor.monitors:
                 m.clear_metrics()
         except Exception as e:  # a sensor that fails must not stop anything
-            warnings.warn(f"system metrics: {type(e).__name__}: {e}", stacklevel=2)
+            _warn(f"system metrics: {type(e).__name__}: {e}")
             return
         self._tracker.log_metrics({self.prefix + k: v for k, v in metrics.items()}, self._step)
         self._step += 1

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from stars_scale import checkpoint as ckpt
-from stars_scale.config import RunConfig, load_config, save_config
+from stars_scale.config import RunConfig, config_text, load_config, save_config
 from stars_scale.data.sources import build_eval_batch, build_train_source
 from stars_scale.errors import UserError
 from stars_scale.eval.depth_scaling import depth_sweep, write_depth_scaling
@@ -84,8 +84,9 @@ class PreemptionFlag:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, resume: str | bool | None = None,
-                 stop_after_steps: int | None = None):
+                 stop_after_steps: int | None = None, allow_config_change: bool = False):
         self.out = Path(out_dir)
+        self.allow_config_change = allow_config_change
         self.stop_after_steps = stop_after_steps
         self.engine = engine = Engine(cfg)  # validates the layout before any process blocks
         self.device = engine.device
@@ -111,6 +112,7 @@ class Trainer:
         self.system_metrics: NodeSystemMetrics | None = None
         self.preempt = PreemptionFlag()
         self.pending = ckpt.AsyncSave()
+        self.metrics_log = ckpt.MetricsLog(self.out / "metrics.jsonl")
         self._eval_batch: tuple[dict[str, torch.Tensor], bool] | None = None
 
     @property
@@ -145,13 +147,28 @@ class Trainer:
         if not resume:
             return None
         if resume == "auto":  # a requeued job: continue if a checkpoint exists, else start fresh
-            return ckpt.latest_checkpoint(self.out)
-        if resume is True:
-            latest = ckpt.latest_checkpoint(self.out)
-            if latest is None:
+            found = ckpt.latest_checkpoint(self.out)
+        elif resume is True:
+            found = ckpt.latest_checkpoint(self.out)
+            if found is None:
                 raise UserError(f"--resume: no complete checkpoint in {self.out / 'checkpoints'} to resume from")
-            return latest
-        return ckpt.resolve_checkpoint(resume)
+        else:
+            found = ckpt.resolve_checkpoint(resume)
+        if found is not None:
+            self._check_same_run(found)
+        return found
+
+    def _check_same_run(self, path: Path) -> None:
+        """A resume continues the run of the checkpoint: refuse one whose seed, model, depth, stars,
+        data or optim differ from this config (ckpt.RUN_IDENTITY) unless --allow-config-change."""
+        cfg_path = path / ckpt.RUN_CONFIG
+        if self.allow_config_change or not cfg_path.is_file():
+            return
+        changes = ckpt.identity_changes(load_config(cfg_path).to_dict(), self.cfg.to_dict())
+        if changes:
+            shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+            raise UserError(f"{path}: --resume of another run ({shown}); choose another --out, or pass "
+                            "--allow-config-change to continue it with this config")
 
     def _restart_checkpoint(self, restart: int) -> Path | None:
         """torchrun restarted this job (a worker died): continue from the newest verified
@@ -172,11 +189,11 @@ class Trainer:
         if self.resume_from is None and ckpt.list_checkpoints(self.out):
             raise UserError(f"{self.out}: already holds checkpoints; pass --resume to continue that run "
                             "or choose another --out (nothing is overwritten)")
-        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.open_run_dir(self.out)
+        ckpt.write_run_config(self.out, config_text(self.cfg))  # before anything else is written there
         ckpt.clean_stale(self.out)
         if self.resume_from is None:
             ckpt.set_aside_stale_metrics(self.out / "metrics.jsonl")
-        save_config(self.cfg, self.out / "config.yaml")
 
     def _load(self, path: Path, keep_metrics: bool = False) -> None:
         state = ckpt.load_state(path)
@@ -252,7 +269,7 @@ class Trainer:
         self.run_id = self.tracker.run_id
         if fresh:
             self.tracker.log_params(flatten_dict(self.cfg.to_dict()))
-            self.tracker.log_artifact(self.out / "config.yaml")
+            self.tracker.log_artifact(self.out / ckpt.RUN_CONFIG)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -367,8 +384,7 @@ class Trainer:
     def _log(self, metrics: dict[str, Any]) -> None:
         if not self.reports:
             return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        self.metrics_log.append(metrics)  # a full disk warns once; training goes on
         if self.tracker is not None:
             self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
 
