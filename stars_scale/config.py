@@ -202,6 +202,7 @@ class DataConfig:
     difficulty: list[int] = field(default_factory=lambda: [1, 4])  # training range [lo, hi]
     test_difficulty: list[int] = field(default_factory=lambda: [1, 4])  # test-set range [lo, hi]
     max_chain: int = 0  # longest distractor chain (0: the largest difficulty)
+    order: Literal["program", "shuffled"] = "program"  # bound before referenced, or any order
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
     path: Optional[str] = None  # one dataset directory (manifest.json + shards)
     mixture: list[MixtureItem] = field(default_factory=list)  # or several, sampled by weight

@@ -34,6 +34,7 @@ class ChainsOptions:
     difficulty: tuple[int, int] = (1, 6)
     test_difficulty: tuple[int, int] = (1, 6)
     max_chain: int = 0
+    order: str = "program"
     samples: int = 100_000
     test_size: int = 512
     seed: int = 0
@@ -85,14 +86,15 @@ def write_chains(opts: ChainsOptions) -> fmt.Manifest:
     _check_counts(opts)
     try:
         task = ChainsTask(statements=opts.statements, variables=opts.variables, difficulty=opts.difficulty,
-                          test_difficulty=opts.test_difficulty, max_chain=opts.max_chain, seed=opts.seed,
+                          test_difficulty=opts.test_difficulty, max_chain=opts.max_chain, order=opts.order,
+                          seed=opts.seed,
                           test_size=max(opts.test_size, 1))
     except ValueError as e:
         raise UserError(str(e).replace("data.", "--").replace("_", "-")) from None
     return _write_task(task, "chains", VOCAB, opts, {
         "statements": opts.statements, "variables": opts.variables, "difficulty": list(task.difficulty),
-        "test_difficulty": list(task.test_difficulty), "max_chain": task.max_chain, "seed": opts.seed,
-        "test_size": opts.test_size})
+        "test_difficulty": list(task.test_difficulty), "max_chain": task.max_chain, "order": opts.order,
+        "seed": opts.seed,        "test_size": opts.test_size})
 
 
 def _check_counts(opts) -> None:

@@ -1,14 +1,20 @@
 """Variable-binding chains: a task whose difficulty is the number of lookups the answer needs.
 
-A problem is `S` binding statements of two tokens each, `<variable><value>`, where the value is
-a digit or another variable, followed by a query `<variable>?`; the answer is the digit the
-queried variable resolves to (one token), then EOS::
+A problem is `S` binding statements of two tokens each, `<Variable><value>`, where the value is
+a digit or a reference to another variable, followed by a query `<variable>?`; the answer is the
+digit the queried variable resolves to (one token), then EOS. A variable is written upper-case
+where it is bound and lower-case where it is referenced, so every token says its role (with
+relative positions and statements in random order a token could not tell otherwise whether it
+is a binding or a reference)::
 
-    tokens:  b a  c 7  a 3  d b  ...  d ?  3 <eos>
+    tokens:  B a  C 7  A 3  D b  ...  d ?  3 <eos>
     read as: b=a; c=7; a=3; d=b; ...  d?   -> 3
 
 The statements form disjoint chains, each rooted at a digit (`a=3; b=a; d=b` is one chain of
-length 3), written in a random order. The queried variable sits at depth `k` of its chain:
+length 3). With `order: program` (the default) they are written as a program would be: every
+variable bound before it is referenced, the chains randomly interleaved; `order: shuffled` writes
+them in any order (then a forward reference can be resolved only at the query, which sees the
+whole prompt under causal attention). The queried variable sits at depth `k` of its chain:
 following its binding, then that variable's binding, ... reaches a digit after exactly `k`
 lookups. `k` is the problem's **difficulty**. The other `S - k` statements are distractor
 chains (random lengths up to `max_chain`, random digits), so the prompt length `2S + 2` is the
@@ -38,10 +44,11 @@ from stars_scale.loss import IGNORE
 
 DIGITS = [str(i) for i in range(10)]
 LETTERS = list(string.ascii_lowercase)
-VOCAB = DIGITS + LETTERS + ["?", "<pad>", "<eos>"]
+VOCAB = DIGITS + LETTERS + [c.upper() for c in LETTERS] + ["?", "<pad>", "<eos>"]
 QUERY, PAD, EOS = len(VOCAB) - 3, len(VOCAB) - 2, len(VOCAB) - 1
 VOCAB_SIZE = len(VOCAB)
-_VAR0 = 10  # token id of the first variable ("a")
+_VAR0 = 10  # token id of the first variable referenced ("a")
+_DEF0 = _VAR0 + len(LETTERS)  # ... and bound ("A")
 _TEST_SALT = 0xC4A1
 _TRAIN_SALT = 0xC4A2
 _SINGLE = {s: i for i, s in enumerate(VOCAB) if len(s) == 1}
@@ -52,10 +59,10 @@ def decode_tokens(tokens) -> str:
 
 
 def encode_text(text: str) -> list[int]:
-    """Prompt text -> token ids: one character per token, whitespace ignored (`"ba c7 d?"`)."""
+    """Prompt text -> token ids: one character per token, whitespace ignored (`"Ba C7 Ab b?"`)."""
     bad = sorted({ch for ch in text if not ch.isspace() and ch not in _SINGLE})
     if bad:
-        raise ValueError(f"characters {bad} are not in the chains vocabulary (digits, a-z, '?')")
+        raise ValueError(f"characters {bad} are not in the chains vocabulary (digits, a-z, A-Z, '?')")
     return [_SINGLE[ch] for ch in text if not ch.isspace()]
 
 
@@ -63,7 +70,7 @@ def format_problem(tokens) -> str:
     """`b=a; c=7; ...; d? -> 3` for reports (statements are token pairs up to the query)."""
     toks = [int(t) for t in tokens]
     q = toks.index(QUERY)
-    stmts = "; ".join(f"{VOCAB[toks[i]]}={VOCAB[toks[i + 1]]}" for i in range(0, q - 1, 2))
+    stmts = "; ".join(f"{VOCAB[toks[i]].lower()}={VOCAB[toks[i + 1]]}" for i in range(0, q - 1, 2))
     rest = decode_tokens(t for t in toks[q + 1:] if t not in (EOS, PAD))
     return f"{stmts}; {VOCAB[toks[q - 1]]}?" + (f" -> {rest}" if rest else "")
 
@@ -72,7 +79,7 @@ def solve(prompt) -> tuple[int, int]:
     """Brute force from the prompt's tokens alone: (answer digit, lookups needed)."""
     toks = [int(t) for t in prompt]
     q = toks.index(QUERY)
-    binding = {toks[i]: toks[i + 1] for i in range(0, q - 1, 2)}
+    binding = {toks[i] - _DEF0 + _VAR0: toks[i + 1] for i in range(0, q - 1, 2)}
     if len(binding) != (q - 1) // 2:
         raise ValueError("a variable is bound twice")
     v, hops = toks[q - 1], 0
@@ -111,6 +118,7 @@ class ChainsTask:
     difficulty: tuple[int, int] = (1, 4)  # training lookups, uniform over [lo, hi]
     test_difficulty: tuple[int, int] = (1, 4)
     max_chain: int = 0  # longest distractor chain (0: max(difficulty, test_difficulty))
+    order: str = "program"  # "program": every variable bound before it is referenced; "shuffled": any order
     seed: int = 0
     test_size: int = 512
     train_size: int = 0  # accepted for symmetry with arithmetic; 0 only (fresh problems every step)
@@ -132,6 +140,8 @@ class ChainsTask:
         self.max_chain = self.max_chain or top
         if self.max_chain < 1:
             raise ValueError(f"data.max_chain must be >= 0, got {self.max_chain}")
+        if self.order not in ("program", "shuffled"):
+            raise ValueError(f"data.order must be program or shuffled, got {self.order!r}")
         if self.test_size < 1:
             raise ValueError(f"data.test_size must be >= 1, got {self.test_size}")
         self.prompt_len = 2 * S + 2
@@ -150,21 +160,31 @@ class ChainsTask:
         S = self.statements
         names = _VAR0 + rng.permutation(self.variables)[:S]
         stmts = []  # (variable, value) pairs
-        pos = 0
+        owner = []  # the chain of each statement
+        pos = n_chains = 0
 
         def chain(length: int) -> int:
-            nonlocal pos
+            nonlocal pos, n_chains
             value = int(rng.integers(0, 10))
             for _ in range(length):
-                stmts.append((int(names[pos]), value))
+                stmts.append((int(names[pos]) - _VAR0 + _DEF0, value))
+                owner.append(n_chains)
                 value = int(names[pos])
                 pos += 1
+            n_chains += 1
             return value  # the chain's last variable
 
         query = chain(k)
         while pos < S:
             chain(int(rng.integers(1, min(self.max_chain, S - pos) + 1)))
-        order = rng.permutation(S)
+        if self.order == "shuffled":
+            order = rng.permutation(S)
+        else:  # program: a random interleaving of the chains, each bound before it is referenced
+            taken = [owner.index(c) for c in range(n_chains)]  # a chain's statements are contiguous
+            order = []
+            for c in np.asarray(owner)[rng.permutation(S)]:
+                order.append(taken[c])
+                taken[c] += 1
         out = np.empty(2 * S + 2, dtype=np.int64)
         for slot, i in enumerate(order):
             out[2 * slot], out[2 * slot + 1] = stmts[i]
