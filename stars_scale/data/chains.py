@@ -1,20 +1,20 @@
 """Variable-binding chains: a task whose difficulty is the number of lookups the answer needs.
 
-A problem is `S` binding statements of two tokens each, `<Variable><value>`, where the value is
-a digit or a reference to another variable, followed by a query `<variable>?`; the answer is the
-digit the queried variable resolves to (one token), then EOS. A variable is written upper-case
-where it is bound and lower-case where it is referenced, so every token says its role (with
-relative positions and statements in random order a token could not tell otherwise whether it
-is a binding or a reference)::
+A problem is `S` binding statements of two tokens each, `<variable><value>`, where the value is
+a digit or another variable, followed by a query `<variable>?`; the answer is the digit the
+queried variable resolves to (one token), then EOS::
 
-    tokens:  B a  C 7  A 3  D b  ...  d ?  3 <eos>
-    read as: b=a; c=7; a=3; d=b; ...  d?   -> 3
+    tokens:  a 3  c 7  b a  d b  ...  d ?  3 <eos>
+    read as: a=3; c=7; b=a; d=b; ...  d?   -> 3
 
 The statements form disjoint chains, each rooted at a digit (`a=3; b=a; d=b` is one chain of
 length 3). With `order: program` (the default) they are written as a program would be: every
 variable bound before it is referenced, the chains randomly interleaved; `order: shuffled` writes
-them in any order (then a forward reference can be resolved only at the query, which sees the
-whole prompt under causal attention). The queried variable sits at depth `k` of its chain:
+them in any order. In program order a variable's binding is the previous occurrence of its
+token, so one lookup is one induction-head step (attend to the previous occurrence, copy the
+token after it), and every statement can resolve its value backwards under causal attention; in
+shuffled order a forward reference can be resolved only at the query, which sees the whole
+prompt. The queried variable sits at depth `k` of its chain:
 following its binding, then that variable's binding, ... reaches a digit after exactly `k`
 lookups. `k` is the problem's **difficulty**. The other `S - k` statements are distractor
 chains (random lengths up to `max_chain`, random digits), so the prompt length `2S + 2` is the
@@ -44,11 +44,10 @@ from stars_scale.loss import IGNORE
 
 DIGITS = [str(i) for i in range(10)]
 LETTERS = list(string.ascii_lowercase)
-VOCAB = DIGITS + LETTERS + [c.upper() for c in LETTERS] + ["?", "<pad>", "<eos>"]
+VOCAB = DIGITS + LETTERS + ["?", "<pad>", "<eos>"]
 QUERY, PAD, EOS = len(VOCAB) - 3, len(VOCAB) - 2, len(VOCAB) - 1
 VOCAB_SIZE = len(VOCAB)
-_VAR0 = 10  # token id of the first variable referenced ("a")
-_DEF0 = _VAR0 + len(LETTERS)  # ... and bound ("A")
+_VAR0 = 10  # token id of the first variable ("a")
 _TEST_SALT = 0xC4A1
 _TRAIN_SALT = 0xC4A2
 _SINGLE = {s: i for i, s in enumerate(VOCAB) if len(s) == 1}
@@ -59,10 +58,10 @@ def decode_tokens(tokens) -> str:
 
 
 def encode_text(text: str) -> list[int]:
-    """Prompt text -> token ids: one character per token, whitespace ignored (`"Ba C7 Ab b?"`)."""
+    """Prompt text -> token ids: one character per token, whitespace ignored (`"a3 ba b?"`)."""
     bad = sorted({ch for ch in text if not ch.isspace() and ch not in _SINGLE})
     if bad:
-        raise ValueError(f"characters {bad} are not in the chains vocabulary (digits, a-z, A-Z, '?')")
+        raise ValueError(f"characters {bad} are not in the chains vocabulary (digits, a-z, '?')")
     return [_SINGLE[ch] for ch in text if not ch.isspace()]
 
 
@@ -70,7 +69,7 @@ def format_problem(tokens) -> str:
     """`b=a; c=7; ...; d? -> 3` for reports (statements are token pairs up to the query)."""
     toks = [int(t) for t in tokens]
     q = toks.index(QUERY)
-    stmts = "; ".join(f"{VOCAB[toks[i]].lower()}={VOCAB[toks[i + 1]]}" for i in range(0, q - 1, 2))
+    stmts = "; ".join(f"{VOCAB[toks[i]]}={VOCAB[toks[i + 1]]}" for i in range(0, q - 1, 2))
     rest = decode_tokens(t for t in toks[q + 1:] if t not in (EOS, PAD))
     return f"{stmts}; {VOCAB[toks[q - 1]]}?" + (f" -> {rest}" if rest else "")
 
@@ -79,7 +78,7 @@ def solve(prompt) -> tuple[int, int]:
     """Brute force from the prompt's tokens alone: (answer digit, lookups needed)."""
     toks = [int(t) for t in prompt]
     q = toks.index(QUERY)
-    binding = {toks[i] - _DEF0 + _VAR0: toks[i + 1] for i in range(0, q - 1, 2)}
+    binding = {toks[i]: toks[i + 1] for i in range(0, q - 1, 2)}
     if len(binding) != (q - 1) // 2:
         raise ValueError("a variable is bound twice")
     v, hops = toks[q - 1], 0
@@ -167,7 +166,7 @@ class ChainsTask:
             nonlocal pos, n_chains
             value = int(rng.integers(0, 10))
             for _ in range(length):
-                stmts.append((int(names[pos]) - _VAR0 + _DEF0, value))
+                stmts.append((int(names[pos]), value))
                 owner.append(n_chains)
                 value = int(names[pos])
                 pos += 1
