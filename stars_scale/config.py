@@ -201,7 +201,7 @@ class DataConfig:
     variables: int = 16  # variable names drawn from the first `variables` letters
     difficulty: list[int] = field(default_factory=lambda: [1, 4])  # training range [lo, hi]
     test_difficulty: list[int] = field(default_factory=lambda: [1, 4])  # test-set range [lo, hi]
-    max_chain: int = 0  # longest distractor chain (0: the largest difficulty)
+    chains: int = 3  # chains per problem (the query's + distractors), rooted at distinct digits
     order: Literal["program", "shuffled"] = "program"  # bound before referenced, or any order
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
     path: Optional[str] = None  # one dataset directory (manifest.json + shards)
@@ -225,9 +225,10 @@ class DataConfig:
                      f"must be >= data.statements ({self.statements}): every statement binds its own variable, "
                      f"got {self.variables}")
             top = max(self.difficulty[1], self.test_difficulty[1])
-            _require(top <= self.statements, f"{at}.statements",
-                     f"difficulty {top} needs a chain of {top} statements, got {self.statements}")
-            _range(self, at, 0, 26, "max_chain")
+            _range(self, at, 2, 10, "chains")
+            _require(self.statements >= top + self.chains - 1, f"{at}.statements",
+                     f"difficulty {top} and {self.chains - 1} distractor chain(s) need >= {top + self.chains - 1} "
+                     f"statements, got {self.statements}")
             _require(self.train_size == 0, f"{at}.train_size", "the chains task draws fresh problems (use 0)")
         if self.kind == "shards":
             _require(bool(self.path) != bool(self.mixture), f"{at}.path",

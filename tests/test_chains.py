@@ -31,12 +31,12 @@ def brute_force(prompt: list[int]) -> tuple[int, int]:
 
 
 def test_every_problem_is_answered_right_and_needs_exactly_its_difficulty_lookups():
-    task = ChainsTask(statements=10, variables=14, difficulty=(1, 5), test_difficulty=(1, 10), test_size=200)
+    task = ChainsTask(statements=12, variables=14, difficulty=(1, 5), test_difficulty=(1, 10), test_size=200)
     batch = task.train_batch(step=3, micro=0, batch_size=300)
     test = task.test_batch()
     for b in (batch, test):
         ids, labels = b["input_ids"], b["labels"]
-        assert ids.shape[1] == task.seq_len == 2 * 10 + 4  # one prompt length for every difficulty
+        assert ids.shape[1] == task.seq_len == 2 * 12 + 4  # one prompt length for every difficulty
         for row, lab in zip(ids.tolist(), labels.tolist()):
             prompt = row[:task.prompt_len]
             answer, hops = brute_force(prompt)
@@ -52,7 +52,7 @@ def test_every_problem_is_answered_right_and_needs_exactly_its_difficulty_lookup
 
 
 def test_difficulty_is_the_chain_length_and_every_chain_ends_in_a_digit():
-    task = ChainsTask(statements=8, variables=8, difficulty=(3, 3), test_difficulty=(8, 8), test_size=5)
+    task = ChainsTask(statements=10, variables=10, difficulty=(3, 3), test_difficulty=(8, 8), test_size=5)
     for row in task.train_batch(0, 0, 50)["input_ids"].tolist() + task.test_batch()["input_ids"].tolist():
         prompt = row[:task.prompt_len]
         env = dict(zip(prompt[0:-2:2], prompt[1:-2:2]))
@@ -63,12 +63,16 @@ def test_difficulty_is_the_chain_length_and_every_chain_ends_in_a_digit():
         for _ in range(k - 1):
             v = env[v]
             assert v >= 10
-    assert {solve(r[:18])[1] for r in task.test_batch()["input_ids"].tolist()} == {8}
+        # exactly `chains` chains with distinct root digits: the number of candidate answers is the same
+        # at every difficulty (guessing among the prompt's digits gives 1/3 whatever k is)
+        digits = [x for x in prompt[1:-2:2] if x < 10]
+        assert len(digits) == 3 == len(set(digits))
+    assert {solve(r[:22])[1] for r in task.test_batch()["input_ids"].tolist()} == {8}
 
 
 def test_program_order_binds_before_use_and_shuffled_does_not_always():
-    prog = ChainsTask(statements=10, variables=12, difficulty=(1, 10), test_difficulty=(1, 10), test_size=10)
-    shuf = ChainsTask(statements=10, variables=12, difficulty=(1, 10), test_difficulty=(1, 10), test_size=10,
+    prog = ChainsTask(statements=10, variables=12, difficulty=(1, 8), test_difficulty=(1, 8), test_size=10)
+    shuf = ChainsTask(statements=10, variables=12, difficulty=(1, 8), test_difficulty=(1, 8), test_size=10,
                       order="shuffled")
 
     def forward_refs(row):
@@ -105,6 +109,10 @@ def test_bad_settings_name_the_field():
         ChainsTask(statements=8, variables=6)
     with pytest.raises(ValueError, match="data.difficulty"):
         ChainsTask(difficulty=(3, 2))
+    with pytest.raises(ValueError, match="data.statements=5 leaves no room for 2 distractor"):
+        ChainsTask(statements=5, variables=5, difficulty=(1, 4), test_difficulty=(1, 4))
+    with pytest.raises(ValueError, match="data.chains"):
+        ChainsTask(chains=11)
     assert parse_difficulty("2..7") == (2, 7) and parse_difficulty("3") == (3, 3)
     for bad in ("0..3", "5..2", "a..b", "1..2..3", ""):
         with pytest.raises(ValueError, match="LO..HI"):
@@ -116,13 +124,14 @@ def test_config_fields_are_validated():
     from stars_scale.data.sources import build_task
     from stars_scale.errors import ConfigError
 
-    base = {"data": {"kind": "chains", "statements": 6, "variables": 10, "difficulty": [1, 3],
+    base = {"data": {"kind": "chains", "statements": 8, "variables": 10, "difficulty": [1, 3],
                      "test_difficulty": [2, 6], "test_size": 10}}
     task = build_task(config_from_dict(base))
     assert isinstance(task, ChainsTask) and task.difficulty == (1, 3) and task.test_difficulty == (2, 6)
     for field, value, msg in [("difficulty", [3, 1], "data.difficulty"), ("test_difficulty", [1], "data.test_difficulty"),
                               ("test_difficulty", [1, 7], "data.statements"), ("variables", 5, "data.variables"),
-                              ("statements", 27, "data.statements")]:
+                              ("statements", 27, "data.statements"), ("chains", 1, "data.chains"),
+                              ("chains", 4, "data.statements")]:
         bad = {"data": {**base["data"], field: value}}
         with pytest.raises(ConfigError, match=msg):
             config_from_dict(bad)
@@ -133,7 +142,7 @@ def test_codec_round_trip_and_bad_characters():
     from stars_scale.generate.load import chains_codec
 
     codec = chains_codec()
-    task = ChainsTask(statements=5, variables=6, difficulty=(2, 4), test_difficulty=(2, 4), test_size=6)
+    task = ChainsTask(statements=6, variables=6, difficulty=(2, 4), test_difficulty=(2, 4), test_size=6)
     row = task.test_batch()["input_ids"][0].tolist()
     text = decode_tokens(row[:task.prompt_len])
     assert codec.encode(text) == row[:task.prompt_len]
@@ -151,15 +160,15 @@ def test_shards_round_trip(tmp_path):
 
     from test_data_helpers import stars_data
 
-    res = stars_data("chains", "--statements", "6", "--variables", "8", "--difficulty", "1..3",
+    res = stars_data("chains", "--statements", "8", "--variables", "10", "--difficulty", "1..3",
                      "--test-difficulty", "2..6", "--samples", "300", "--test-size", "25", "--blocks-per-shard",
                      "64", "--out", str(tmp_path / "ch"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "variable-binding chains, 6 statements, difficulty 1..3, seq_len 15" in res.stdout
+    assert "variable-binding chains, 8 statements, difficulty 1..3, seq_len 19" in res.stdout
     m = Manifest.load(tmp_path / "ch")
-    assert m.kind == "chains" and m.vocab_size == VOCAB_SIZE and m.seq_len == 15 and m.has_mask
+    assert m.kind == "chains" and m.vocab_size == VOCAB_SIZE and m.seq_len == 19 and m.has_mask
     assert m.extra["chains"]["test_difficulty"] == [2, 6]
-    task = ChainsTask(statements=6, variables=8, difficulty=(1, 3), test_difficulty=(2, 6), test_size=25)
+    task = ChainsTask(statements=8, variables=10, difficulty=(1, 3), test_difficulty=(2, 6), test_size=25)
     src = ShardSource(str(tmp_path / "ch"), 25, dp_rank=0, dp_size=1, split="val", seed=0, shuffle_buffer=1)
     got = src.next_batch()
     want = task.test_batch()
@@ -167,10 +176,10 @@ def test_shards_round_trip(tmp_path):
     rows = {tuple(r) for r in got["input_ids"].tolist()}
     assert rows == {tuple(r) for r in want["input_ids"][:, :-1].tolist()}
     for ids, lab in zip(got["input_ids"].tolist(), got["labels"].tolist()):
-        answer, _ = solve(ids[:14])
+        answer, _ = solve(ids[:18])
         assert [x for x in lab if x != IGNORE] == [answer, EOS]
     train = ShardSource(str(tmp_path / "ch"), 100, dp_rank=0, dp_size=1, seed=0).next_batch()["input_ids"].tolist()
-    assert all(1 <= solve(r[:14])[1] <= 3 for r in train)
+    assert all(1 <= solve(r[:18])[1] <= 3 for r in train)
     res = stars_data("inspect", str(tmp_path / "ch"), "--verify", "--samples", "1", cwd=tmp_path)
     assert res.returncode == 0 and "chains" in res.stdout and "?" in res.stdout
     res = stars_data("chains", "--difficulty", "4..2", "--out", str(tmp_path / "x"), cwd=tmp_path)
@@ -188,12 +197,12 @@ def test_depth_sweep_groups_add_up_to_the_overall_accuracy():
     torch.manual_seed(0)
     model = LoopedLM(ModelConfig(vocab_size=VOCAB_SIZE, hidden=32, heads=2, max_seq_len=16, n_prelude=1, n_coda=1,
                                  injection="add", positions="rope"))
-    task = ChainsTask(statements=6, variables=6, difficulty=(1, 6), test_difficulty=(1, 6), test_size=60)
+    task = ChainsTask(statements=6, variables=6, difficulty=(1, 4), test_difficulty=(1, 4), test_size=60)
     batch = task.test_batch()
     res = depth_sweep(model, batch, [1, 3], rho_iters=1, batch_size=16, groups=batch["difficulty"])
-    assert res["group_sizes"] == {str(k): 10 for k in range(1, 7)}
+    assert res["group_sizes"] == {str(k): 15 for k in range(1, 5)}
     for i in range(2):
-        mean = sum(res["accuracy_by_group"][g][i] * 10 for g in res["group_sizes"]) / 60
+        mean = sum(res["accuracy_by_group"][g][i] * 15 for g in res["group_sizes"]) / 60
         assert abs(mean - res["accuracy"][i]) < 1e-12
 
 
@@ -216,11 +225,11 @@ def _cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_train_eval_difficulty_and_generate_cli(tmp_path):
-    cfg = {"model": {"vocab_size": VOCAB_SIZE, "hidden": 32, "heads": 2, "mlp_hidden": 64, "max_seq_len": 16,
+    cfg = {"model": {"vocab_size": VOCAB_SIZE, "hidden": 32, "heads": 2, "mlp_hidden": 64, "max_seq_len": 20,
                      "positions": "rope", "n_prelude": 1, "n_coda": 1, "injection": "add"},
            "depth": {"dist": "lognormal", "mu": 0.7, "sigma": 0.5, "max": 4},
            "stars": {"lam": 0.1, "warmup_steps": 2},
-           "data": {"kind": "chains", "statements": 6, "variables": 8, "difficulty": [1, 3],
+           "data": {"kind": "chains", "statements": 8, "variables": 10, "difficulty": [1, 3],
                     "test_difficulty": [1, 3], "batch_size": 8, "test_size": 30},
            "train": {"steps": 4, "progress": False}, "eval": {"depths": [1, 2], "samples": 30},
            "tracking": {"mlflow": False}}
@@ -242,7 +251,7 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     assert (tmp_path / "ev" / "difficulty_depth.png").read_bytes()[:4] == b"\x89PNG"
     sweep = json.loads((tmp_path / "ev" / "depth_scaling.json").read_text())
     assert sweep["accuracy_by_group"] == s["accuracy"]
-    for bad, msg in [("0..3", "--difficulty"), ("1..7", "data.statements=6")]:
+    for bad, msg in [("0..3", "--difficulty"), ("1..7", "data.statements=8")]:
         res = _cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--difficulty", bad, "--no-mlflow",
                    "--out", "bad", cwd=tmp_path)
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--difficulty", type=_difficulty, default=(1, 6), help="training lookups LO..HI")
     c.add_argument("--test-difficulty", type=_difficulty, default=None, help="val-split lookups LO..HI "
                                                                              "(default: --difficulty)")
-    c.add_argument("--max-chain", type=int, default=0, help="longest distractor chain (0: largest difficulty)")
+    c.add_argument("--chains", type=int, default=3, help="chains per problem (distinct root digits)")
     c.add_argument("--order", choices=("program", "shuffled"), default="program",
                    help="program: every variable bound before it is referenced; shuffled: any order")
     c.add_argument("--samples", type=int, default=100_000, help="training problems")
@@ -156,7 +156,7 @@ def _chains(args) -> int:
 
     m = write_chains(ChainsOptions(
         out=args.out, statements=args.statements, variables=args.variables, difficulty=args.difficulty,
-        test_difficulty=args.test_difficulty or args.difficulty, max_chain=args.max_chain, order=args.order,
+        test_difficulty=args.test_difficulty or args.difficulty, chains=args.chains, order=args.order,
         samples=args.samples,        test_size=args.test_size, seed=args.seed, shard_size=args.shard_size, blocks_per_shard=args.blocks_per_shard,
         overwrite=args.overwrite))
     parts = ", ".join(f"{k}: {v.blocks} problems in {len(v.shards)} shard(s)" for k, v in m.splits.items())

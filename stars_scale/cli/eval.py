@@ -162,9 +162,10 @@ def _difficulty_batch(cfg, text: str, samples: int, threshold: float) -> dict:
         lo, hi = parse_difficulty(text)
     except ValueError as e:
         raise UserError(f"--difficulty: {e}") from None
-    if hi > cfg.data.statements:
-        raise UserError(f"--difficulty: {hi} lookups need a chain of {hi} statements; the model's problems have "
-                        f"data.statements={cfg.data.statements}")
+    need = hi + cfg.data.chains - 1
+    if need > cfg.data.statements:
+        raise UserError(f"--difficulty: {hi} lookups and {cfg.data.chains - 1} distractor chain(s) need {need} "
+                        f"statements; the model's problems have data.statements={cfg.data.statements}")
     if samples < hi - lo + 1:
         raise UserError(f"--samples: {samples} is fewer than one problem per difficulty ({hi - lo + 1})")
     return build_task(cfg, test_difficulty=(lo, hi), test_size=samples).test_batch()

@@ -33,7 +33,7 @@ class ChainsOptions:
     variables: int = 16
     difficulty: tuple[int, int] = (1, 6)
     test_difficulty: tuple[int, int] = (1, 6)
-    max_chain: int = 0
+    chains: int = 3
     order: str = "program"
     samples: int = 100_000
     test_size: int = 512
@@ -86,14 +86,14 @@ def write_chains(opts: ChainsOptions) -> fmt.Manifest:
     _check_counts(opts)
     try:
         task = ChainsTask(statements=opts.statements, variables=opts.variables, difficulty=opts.difficulty,
-                          test_difficulty=opts.test_difficulty, max_chain=opts.max_chain, order=opts.order,
+                          test_difficulty=opts.test_difficulty, chains=opts.chains, order=opts.order,
                           seed=opts.seed,
                           test_size=max(opts.test_size, 1))
     except ValueError as e:
         raise UserError(str(e).replace("data.", "--").replace("_", "-")) from None
     return _write_task(task, "chains", VOCAB, opts, {
         "statements": opts.statements, "variables": opts.variables, "difficulty": list(task.difficulty),
-        "test_difficulty": list(task.test_difficulty), "max_chain": task.max_chain, "order": opts.order,
+        "test_difficulty": list(task.test_difficulty), "chains": task.chains, "order": opts.order,
         "seed": opts.seed,        "test_size": opts.test_size})
 
 

@@ -16,10 +16,14 @@ token after it), and every statement can resolve its value backwards under causa
 shuffled order a forward reference can be resolved only at the query, which sees the whole
 prompt. The queried variable sits at depth `k` of its chain:
 following its binding, then that variable's binding, ... reaches a digit after exactly `k`
-lookups. `k` is the problem's **difficulty**. The other `S - k` statements are distractor
-chains (random lengths up to `max_chain`, random digits), so the prompt length `2S + 2` is the
-same for every difficulty: a harder problem differs only in how many lookups it takes, never in
-its length, and a model's depth is the only budget that grows with it. Variables are drawn
+lookups. `k` is the problem's **difficulty**. The other `S - k` statements form `C - 1`
+distractor chains (`chains = C`, lengths a uniformly random composition of `S - k`), and the C
+chains are rooted at C *distinct* digits. So the prompt length `2S + 2` and the number of
+candidate answers (C, guessing gives 1/C) are the same for every difficulty: a harder problem
+differs only in how many lookups it takes, and a model's depth is the only budget that grows
+with it. (An earlier draft filled the prompt with chains of random number: the hardest problems
+then had a single chain, hence a single digit in the prompt, and were solved at r = 1 by
+copying it.) Variables are drawn
 from the first `V` letters, each bound exactly once.
 
 Each loop of an attention-bearing block can resolve (at least) one lookup per statement, so a
@@ -116,7 +120,7 @@ class ChainsTask:
     variables: int = 16  # V: variables drawn from the first V letters (V >= S)
     difficulty: tuple[int, int] = (1, 4)  # training lookups, uniform over [lo, hi]
     test_difficulty: tuple[int, int] = (1, 4)
-    max_chain: int = 0  # longest distractor chain (0: max(difficulty, test_difficulty))
+    chains: int = 3  # C: chains per problem (the query's and C - 1 distractors), rooted at distinct digits
     order: str = "program"  # "program": every variable bound before it is referenced; "shuffled": any order
     seed: int = 0
     test_size: int = 512
@@ -136,9 +140,11 @@ class ChainsTask:
             raise ValueError(f"difficulty {top} needs a chain of {top} statements; data.statements is {S}")
         if self.train_size:
             raise ValueError("data.train_size: the chains task draws fresh problems every step (use 0)")
-        self.max_chain = self.max_chain or top
-        if self.max_chain < 1:
-            raise ValueError(f"data.max_chain must be >= 0, got {self.max_chain}")
+        if not 2 <= self.chains <= 10:
+            raise ValueError(f"data.chains must be in 2..10 (distinct root digits), got {self.chains}")
+        if S < top + self.chains - 1:
+            raise ValueError(f"data.statements={S} leaves no room for {self.chains - 1} distractor chain(s) next to "
+                             f"a chain of {top}: needs >= {top + self.chains - 1}")
         if self.order not in ("program", "shuffled"):
             raise ValueError(f"data.order must be program or shuffled, got {self.order!r}")
         if self.test_size < 1:
@@ -162,9 +168,11 @@ class ChainsTask:
         owner = []  # the chain of each statement
         pos = n_chains = 0
 
+        roots = rng.choice(10, size=self.chains, replace=False)
+
         def chain(length: int) -> int:
             nonlocal pos, n_chains
-            value = int(rng.integers(0, 10))
+            value = int(roots[n_chains])
             for _ in range(length):
                 stmts.append((int(names[pos]), value))
                 owner.append(n_chains)
@@ -174,8 +182,10 @@ class ChainsTask:
             return value  # the chain's last variable
 
         query = chain(k)
-        while pos < S:
-            chain(int(rng.integers(1, min(self.max_chain, S - pos) + 1)))
+        rest, parts = S - k, self.chains - 1  # a uniform composition of `rest` into `parts` positive lengths
+        cuts = np.sort(rng.choice(np.arange(1, rest), size=parts - 1, replace=False)) if parts > 1 else []
+        for length in np.diff([0, *cuts, rest]):
+            chain(int(length))
         if self.order == "shuffled":
             order = rng.permutation(S)
         else:  # program: a random interleaving of the chains, each bound before it is referenced

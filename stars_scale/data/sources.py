@@ -68,7 +68,7 @@ def build_task(cfg: RunConfig, test_difficulty: tuple[int, int] | None = None, t
         try:
             return chains.ChainsTask(statements=d.statements, variables=d.variables, difficulty=tuple(d.difficulty),
                                      test_difficulty=tuple(test_difficulty or d.test_difficulty),
-                                     max_chain=d.max_chain, order=d.order, seed=cfg.seed, test_size=test_size or d.test_size)
+                                     chains=d.chains, order=d.order, seed=cfg.seed, test_size=test_size or d.test_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return ArithmeticTask(digits=d.digits, seed=cfg.seed, test_size=d.test_size, train_size=d.train_size,
