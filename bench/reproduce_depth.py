@@ -176,15 +176,16 @@ def main() -> None:
         rdir = run_dir(out, MAIN, seeds[0], threads[0])
         ev = rdir / "exit"
         if not (ev / "depth_scaling.json").is_file():
-            eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64", "--samples", str(args.exit_samples),
+            eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64",
+                     "--samples", str(args.exit_samples),
                      "--exit", "contraction,delta", "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
         from stars_scale.eval.test_time import summarise
 
         r = json.loads((ev / "depth_scaling.json").read_text())
         best = max(r["accuracy"])
         r_ref = min(d for d, a in zip(r["depths"], r["accuracy"]) if a >= best - 0.005)
-        rows = [{**row, "within_0.5pt": row["accuracy"] >= best - 0.005, "loop_fraction_of_ref": row["mean_loops"] / r_ref}
-                for row in r["exit_rules"]]
+        rows = [{**row, "within_0.5pt": row["accuracy"] >= best - 0.005,
+                 "loop_fraction_of_ref": row["mean_loops"] / r_ref} for row in r["exit_rules"]]
         table["exit"] = {"run": str(rdir), "best_fixed": best, "smallest_fixed_within_0.5pt": r_ref,
                          "fixed": dict(zip(r["depths"], r["accuracy"])), "rules": rows,
                          "summary": summarise(r, r["exit_rules"])}
@@ -192,8 +193,9 @@ def main() -> None:
         print("\n" + (ev / "test_time.md").read_text())
         print(f"best fixed {100 * best:.1f}%; smallest fixed depth within 0.5 points: r={r_ref}")
         for row in rows:
-            print(f"{row['rule']} tol={row['tol']:g}: {100 * row['accuracy']:.1f}%, {row['mean_loops']:.2f} loops/token "
-                  f"= {100 * row['loop_fraction_of_ref']:.0f}% of r={r_ref}; within 0.5 points: {row['within_0.5pt']}")
+            print(f"{row['rule']} tol={row['tol']:g}: {100 * row['accuracy']:.1f}%, "
+                  f"{row['mean_loops']:.2f} loops/token = {100 * row['loop_fraction_of_ref']:.0f}% of r={r_ref}; "
+                  f"within 0.5 points: {row['within_0.5pt']}")
     atomic_write_json(results_path, table)
 
 

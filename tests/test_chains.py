@@ -128,7 +128,8 @@ def test_config_fields_are_validated():
                      "test_difficulty": [2, 6], "test_size": 10}}
     task = build_task(config_from_dict(base))
     assert isinstance(task, ChainsTask) and task.difficulty == (1, 3) and task.test_difficulty == (2, 6)
-    for field, value, msg in [("difficulty", [3, 1], "data.difficulty"), ("test_difficulty", [1], "data.test_difficulty"),
+    for field, value, msg in [("difficulty", [3, 1], "data.difficulty"),
+                              ("test_difficulty", [1], "data.test_difficulty"),
                               ("test_difficulty", [1, 7], "data.statements"), ("variables", 5, "data.variables"),
                               ("statements", 27, "data.statements"), ("chains", 1, "data.chains"),
                               ("chains", 4, "data.statements")]:
@@ -259,6 +260,7 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
                "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["prompt"] == "b3 ab d1 cd f5 ef a?" and len(out["tokens"]) >= 1 and len(out["loops"]) == len(out["tokens"])
+    assert out["prompt"] == "b3 ab d1 cd f5 ef a?"
+    assert len(out["tokens"]) >= 1 and len(out["loops"]) == len(out["tokens"])
     res = _cli("stars_scale.cli.generate", "--checkpoint", "run", "--prompt", "a=b", cwd=tmp_path)
     assert res.returncode == 2 and "chains vocabulary" in res.stderr

@@ -36,5 +36,6 @@ def test_reproduce_depth_tiny(tmp_path):
     ex = table["exit"]
     assert {r["rule"] for r in ex["rules"]} == {"contraction", "delta"} and len(ex["rules"]) == 5
     assert ex["smallest_fixed_within_0.5pt"] in ex["fixed"] or str(ex["smallest_fixed_within_0.5pt"]) in ex["fixed"]
-    assert (tmp_path / "docs" / "chains_depth_scaling.png").is_file() and (tmp_path / "docs" / "test_time_chains.png").is_file()
+    for png in ("chains_depth_scaling.png", "test_time_chains.png"):
+        assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"
     assert "| 0 | 1 |" in p.stdout and "first r ≥ 90%" in p.stdout
