@@ -28,11 +28,9 @@ class BatchSource(Protocol):
 
 
 class ArithmeticSource:
-    """The in-memory task stream (arithmetic or chains): global batch i is a pure function of (seed, i); data-parallel
-    rank r reads its rows [r * batch_size, (r + 1) * batch_size), so dp ranks together see exactly
-    the batch one process sees."""
-
-    kind = "arithmetic"
+    """The in-memory task stream (arithmetic or chains): global batch i is a pure function of
+    (seed, i); data-parallel rank r reads its rows [r * batch_size, (r + 1) * batch_size), so dp
+    ranks together see exactly the batch one process sees."""
 
     def __init__(self, task, batch_size: int, dp_rank: int = 0, dp_size: int = 1):
         self.task = task
@@ -68,7 +66,8 @@ def build_task(cfg: RunConfig, test_difficulty: tuple[int, int] | None = None, t
         try:
             return chains.ChainsTask(statements=d.statements, variables=d.variables, difficulty=tuple(d.difficulty),
                                      test_difficulty=tuple(test_difficulty or d.test_difficulty),
-                                     chains=d.chains, order=d.order, seed=cfg.seed, test_size=test_size or d.test_size)
+                                     chains=d.chains, order=d.order, seed=cfg.seed,
+                                     test_size=test_size or d.test_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return ArithmeticTask(digits=d.digits, seed=cfg.seed, test_size=d.test_size, train_size=d.train_size,
@@ -103,9 +102,9 @@ def build_eval_batch(cfg: RunConfig, samples: int, dp_rank: int = 0, dp_size: in
                      ) -> tuple[dict[str, torch.Tensor], bool]:
     """The fixed evaluation set and whether it has exact-match answers.
 
-    Arithmetic: the first `samples` test problems; chains: `samples` test problems spread evenly over
-    the test difficulties (with a "difficulty" row per problem). Shards: `data.val_batches` batches of the val
-    split, read from its start every time (the same tokens at every evaluation); arithmetic shards
+    Arithmetic: the first `samples` test problems; chains: `samples` test problems spread evenly
+    over the test difficulties (with a "difficulty" row per problem). Shards: `data.val_batches`
+    batches of the val split, read from its start every time (the same tokens at every evaluation); arithmetic shards
     (answer-only labels) are scored by exact match too.
     """
     if cfg.data.kind != "shards":
