@@ -32,14 +32,16 @@ RUNS = {"fixed depth, no penalty": "collapse_fixed", "log-normal depth, no penal
         "STARS (log-normal depth + penalty)": "collapse_stars"}
 
 
-def train(name: str, seed: int, out: Path, overrides: list[str], quiet: bool = False) -> dict:
-    """Train one config/seed (or reuse it); returns its sweep plus wall/CPU time and load."""
-    rdir = out / name / f"seed{seed}"
+def train(name: str, seed: int, out: Path, overrides: list[str], quiet: bool = False, threads: int | None = None,
+          rdir: Path | None = None) -> dict:
+    """Train one config/seed (or reuse it); returns its sweep plus wall/CPU time and load.
+    `threads`: torch threads (default: $OMP_NUM_THREADS, else 1); `rdir`: default out/name/seed<seed>."""
+    rdir = rdir or out / name / f"seed{seed}"
     timing = rdir / "timing.json"
     if not (rdir / "depth_scaling.json").is_file():
         cmd = [sys.executable, "-m", "stars_scale.train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
                "--out", str(rdir), "--set", f"seed={seed}"] + [x for o in overrides for x in ("--set", o)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
         load0, t0 = os.getloadavg()[0], time.time()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None)
         _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, also with --jobs > 1
@@ -48,6 +50,7 @@ def train(name: str, seed: int, out: Path, overrides: list[str], quiet: bool = F
             raise subprocess.CalledProcessError(proc.returncode, cmd)
         rdir.joinpath("timing.json").write_text(json.dumps({
             "wall_seconds": time.time() - t0, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "user_seconds": usage.ru_utime,
             "load_avg_1min_start": load0, "load_avg_1min_end": os.getloadavg()[0],
             "torch_threads": env["OMP_NUM_THREADS"]}))
     r = json.loads((rdir / "depth_scaling.json").read_text())

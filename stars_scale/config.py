@@ -254,7 +254,7 @@ class MixtureItem:
 
 @dataclass
 class DataConfig:
-    kind: Literal["arithmetic", "shards"] = "arithmetic"
+    kind: Literal["arithmetic", "chains", "shards"] = "arithmetic"
     # rows of one batch over all data-parallel ranks (train.grad_accum batches per optimizer step);
     # each rank's share (batch_size / dp) is split into parallel.microbatches microbatches
     batch_size: int = 64
@@ -264,6 +264,13 @@ class DataConfig:
     test_size: int = 512
     reverse_answer: bool = True
     reverse_operands: bool = False  # operands least-significant digit first as well
+    # chains (variable-binding chains, data/chains.py): difficulty = lookups the answer needs
+    statements: int = 12  # binding statements per problem (prompt: 2 * statements + 2 tokens)
+    variables: int = 16  # variable names drawn from the first `variables` letters
+    difficulty: list[int] = field(default_factory=lambda: [1, 4])  # training range [lo, hi]
+    test_difficulty: list[int] = field(default_factory=lambda: [1, 4])  # test-set range [lo, hi]
+    chains: int = 3  # chains per problem (the query's + distractors), rooted at distinct digits
+    order: Literal["program", "shuffled"] = "program"  # bound before referenced, or any order
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
     path: Optional[str] = None  # one dataset directory (manifest.json + shards)
     mixture: list[MixtureItem] = field(default_factory=list)  # or several, sampled by weight
@@ -281,6 +288,21 @@ class DataConfig:
             raise ConfigError(why)
         _range(self, at, 0, _MAX_INT, "shuffle_buffer")
         _range(self, at, 0, 1024, "num_workers")
+        if self.kind == "chains":
+            for name in ("difficulty", "test_difficulty"):
+                r = getattr(self, name)
+                _require(len(r) == 2 and 1 <= r[0] <= r[1], f"{at}.{name}",
+                         f"expected [lo, hi] with 1 <= lo <= hi, got {r!r}")
+            _range(self, at, 1, 26, "statements", "variables")
+            _require(self.variables >= self.statements, f"{at}.variables",
+                     f"must be >= data.statements ({self.statements}): every statement binds its own variable, "
+                     f"got {self.variables}")
+            top = max(self.difficulty[1], self.test_difficulty[1])
+            _range(self, at, 2, 10, "chains")
+            _require(self.statements >= top + self.chains - 1, f"{at}.statements",
+                     f"difficulty {top} and {self.chains - 1} distractor chain(s) need >= {top + self.chains - 1} "
+                     f"statements, got {self.statements}")
+            _require(self.train_size == 0, f"{at}.train_size", "the chains task draws fresh problems (use 0)")
         if self.kind == "shards":
             _require(bool(self.path) != bool(self.mixture), f"{at}.path",
                      "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")

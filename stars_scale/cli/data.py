@@ -4,6 +4,7 @@
   stars-data train-tokenizer CORPUS... --vocab-size 512 --out tok.json
   stars-data prepare CORPUS... --tokenizer tok.json --seq-len 1024 --out DIR [--val-fraction 0.01]
   stars-data arithmetic --digits 3 --samples 100000 --out DIR
+  stars-data chains --statements 12 --difficulty 1..6 --samples 100000 --out DIR
   stars-data inspect DIR [--verify] [--samples 2]
 
 Bad input (missing files, corrupt shards, a manifest that disagrees with its shards) prints one
@@ -25,6 +26,15 @@ def _size(text: str) -> int:
     try:
         return parse_size(text)
     except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _difficulty(text: str) -> tuple[int, int]:
+    from stars_scale.data.chains import parse_difficulty
+
+    try:
+        return parse_difficulty(text)
+    except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -83,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--shard-size", type=_size, default="64MB")
     a.add_argument("--blocks-per-shard", type=int, default=None)
     a.add_argument("--overwrite", action="store_true")
+
+    c = sub.add_parser("chains", help="write the variable-binding chains task as shards")
+    c.add_argument("--out", required=True)
+    c.add_argument("--statements", type=int, default=12, help="binding statements per problem")
+    c.add_argument("--variables", type=int, default=16, help="variable names (the first V letters)")
+    c.add_argument("--difficulty", type=_difficulty, default=(1, 6), help="training lookups LO..HI")
+    c.add_argument("--test-difficulty", type=_difficulty, default=None, help="val-split lookups LO..HI "
+                                                                             "(default: --difficulty)")
+    c.add_argument("--chains", type=int, default=3, help="chains per problem (distinct root digits)")
+    c.add_argument("--order", choices=("program", "shuffled"), default="program",
+                   help="program: every variable bound before it is referenced; shuffled: any order")
+    c.add_argument("--samples", type=int, default=100_000, help="training problems")
+    c.add_argument("--test-size", type=int, default=512, help="problems in the val split (the task's test set)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shard-size", type=_size, default="64MB")
+    c.add_argument("--blocks-per-shard", type=int, default=None)
+    c.add_argument("--overwrite", action="store_true")
 
     i = sub.add_parser("inspect", help="summarise a dataset, decode samples, optionally verify every shard")
     i.add_argument("directory")
@@ -155,6 +182,22 @@ def _arithmetic(args) -> int:
     return 0
 
 
+def _chains(args) -> int:
+    from stars_scale.data.arithmetic_shards import ChainsOptions, write_chains
+
+    m = write_chains(ChainsOptions(
+        out=args.out, statements=args.statements, variables=args.variables, difficulty=args.difficulty,
+        test_difficulty=args.test_difficulty or args.difficulty, chains=args.chains, order=args.order,
+        samples=args.samples, test_size=args.test_size, seed=args.seed, shard_size=args.shard_size,
+        blocks_per_shard=args.blocks_per_shard,
+        overwrite=args.overwrite))
+    parts = ", ".join(f"{k}: {v.blocks} problems in {len(v.shards)} shard(s)" for k, v in m.splits.items())
+    lo, hi = args.difficulty
+    print(f"wrote {args.out}: variable-binding chains, {args.statements} statements, difficulty {lo}..{hi}, "
+          f"seq_len {m.seq_len}; {parts}")
+    return 0
+
+
 def _inspect(args) -> int:
     from stars_scale.data import shards as fmt
     from stars_scale.data.verify import first_blocks, verify_dataset
@@ -193,6 +236,10 @@ def _decoder(m):
         from stars_scale.data.arithmetic import decode_tokens
 
         return decode_tokens
+    if m.kind == "chains":
+        from stars_scale.data.chains import decode_tokens
+
+        return decode_tokens
     from stars_scale.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(m.tokenizer_path())
@@ -202,7 +249,7 @@ def _decoder(m):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"corpus": _corpus, "train-tokenizer": _train_tokenizer, "prepare": _prepare, "arithmetic": _arithmetic,
-                "inspect": _inspect}
+                "chains": _chains, "inspect": _inspect}
     return run_cli(lambda: handlers[args.command](args))
 
 

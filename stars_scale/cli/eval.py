@@ -30,7 +30,7 @@ def parse_depths(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from stars_scale.cli.flags import OneLineParser, int_flag
+    from stars_scale.cli.flags import OneLineParser, float_flag, int_flag
 
     p = OneLineParser(prog="stars-eval", description="Evaluate a looped LM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rho-iters", type=int_flag("power_iters"), default=None,
                    help="power iterations for rho (default: config)")
     d.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow entry")
+    d.add_argument("--difficulty", default=None, metavar="LO..HI",
+                   help="chains task: a fresh test set over difficulties LO..HI (--samples problems, spread evenly); "
+                        "writes difficulty_depth.{md,json,png}: accuracy per difficulty and depth")
+    d.add_argument("--threshold", type=float_flag(0.0, 1.0, lo_open=True), default=0.9, help="--difficulty: report the first depth reaching it")
     add_exit_args(d)
     d.add_argument("--states", type=int_flag("count", lo=0), default=0, metavar="N",
                    help="also plot the hidden-state trajectories of N examples on their first two principal "
@@ -81,7 +85,7 @@ def add_lm_parser(sub) -> None:
 
 
 def add_exit_args(d: argparse.ArgumentParser) -> None:
-    """`depth --exit RULES --tol T`: greedy generation under per-token exit rules (arithmetic)."""
+    """`depth --exit RULES --tol T`: greedy generation under per-token exit rules (arithmetic, chains)."""
     from stars_scale.cli.flags import int_flag
 
     d.add_argument("--exit", default=None,
@@ -135,26 +139,61 @@ def _main(argv: list[str] | None) -> int:
         samples = args.samples or cfg.eval.samples
         if samples < 1:
             raise UserError(f"--samples: must be >= 1, got {samples}")
-        batch, has_acc = build_eval_batch(cfg, samples)
+        if args.difficulty:
+            batch, has_acc = _difficulty_batch(cfg, args.difficulty, samples, args.threshold), True
+        else:
+            batch, has_acc = build_eval_batch(cfg, samples)
+        groups = batch.get("difficulty")
         with torch.no_grad():
             results = depth_sweep(model, batch, depths, rho_iters=args.rho_iters or cfg.eval.rho_iters,
-                                  batch_size=cfg.eval.batch_size, seed=cfg.seed, has_accuracy=has_acc)
+                                  batch_size=cfg.eval.batch_size, seed=cfg.seed, has_accuracy=has_acc,
+                                  groups=groups)
         results["step"] = state.get("step")
         results["checkpoint"] = str(path)
         out = Path(args.out) if args.out else path.parent.parent / f"eval_{path.name}"
         title = f"{path.parent.parent.name} @ {path.name}"
         extra = _exit_rules(args, cfg, model, batch, has_acc, results, out, title) if args.exit else []
+        if groups is not None:
+            from stars_scale.eval.difficulty import write_difficulty
+
+            extra += list(write_difficulty(results, out, title=title, threshold=args.threshold,
+                                           train_range=tuple(cfg.data.difficulty)))
+            print((out / "difficulty_depth.md").read_text(), end="", file=sys.stderr)
         if args.states:
             extra += _state_pca(model, batch, max(depths), args.states, cfg, has_acc, out, title)
         jpath, ppath = write_depth_scaling(results, out, title=title)
         run_id = state.get("mlflow_run_id")
         if run_id and cfg.tracking.mlflow and not args.no_mlflow:
             _log_to_run(cfg, run_id, results, jpath, ppath, extra)
-        keys = ("depths", "accuracy", "loss", "rho", "delta_h", "exit_rules")
+        keys = ("depths", "accuracy", "loss", "rho", "delta_h", "accuracy_by_group", "exit_rules")
         print(json.dumps({k: results[k] for k in keys if k in results}))
         return 0
 
     return run_cli(body)
+
+
+def _difficulty_batch(cfg, text: str, samples: int, threshold: float) -> dict:
+    """--difficulty LO..HI: `samples` fresh chains test problems spread evenly over LO..HI."""
+    from stars_scale.data.chains import parse_difficulty
+    from stars_scale.data.sources import build_task
+    from stars_scale.errors import UserError
+
+    if cfg.data.kind != "chains":
+        raise UserError(f"--difficulty: needs a model trained on the chains task (data.kind: chains), "
+                        f"not {cfg.data.kind}")
+    if not 0 < threshold <= 1:
+        raise UserError(f"--threshold: expected a fraction in (0, 1], got {threshold}")
+    try:
+        lo, hi = parse_difficulty(text)
+    except ValueError as e:
+        raise UserError(f"--difficulty: {e}") from None
+    need = hi + cfg.data.chains - 1
+    if need > cfg.data.statements:
+        raise UserError(f"--difficulty: {hi} lookups and {cfg.data.chains - 1} distractor chain(s) need {need} "
+                        f"statements; the model's problems have data.statements={cfg.data.statements}")
+    if samples < hi - lo + 1:
+        raise UserError(f"--samples: {samples} is fewer than one problem per difficulty ({hi - lo + 1})")
+    return build_task(cfg, test_difficulty=(lo, hi), test_size=samples).test_batch()
 
 
 def _lm(args) -> int:
@@ -220,15 +259,15 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     """Evaluate --exit rules; adds results["exit_rules"] and writes test_time.{png,md}."""
     import torch
 
-    from stars_scale.data.arithmetic import EOS
+    from stars_scale.data import arithmetic, chains
     from stars_scale.data.sources import build_task
     from stars_scale.errors import UserError
     from stars_scale.eval.exit_accuracy import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
     from stars_scale.generate.exit_rules import RULES
     from stars_scale.utils import atomic_write_text
 
-    if not has_acc or cfg.data.kind != "arithmetic":
-        raise UserError("--exit: needs a model trained on the arithmetic task (exact-match answers); "
+    if not has_acc or cfg.data.kind not in ("arithmetic", "chains"):
+        raise UserError("--exit: needs a model trained on the arithmetic or chains task (exact-match answers); "
                         "for text benchmarks use `stars-eval lm --exit`")
     rules = [r for r in RULES if r != "fixed"] if args.exit == "all" else [r.strip() for r in args.exit.split(",")]
     for r in rules:
@@ -241,7 +280,8 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     if max_depth < 1 or args.cache_slots < 1 or args.exit_rho_iters < 0:
         raise UserError("--max-depth and --cache-slots must be >= 1, --exit-rho-iters >= 0")
     with torch.no_grad():
-        rows = exit_rule_eval(model, batch, build_task(cfg).prompt_len, settings, max_depth=max_depth, eos_id=EOS,
+        rows = exit_rule_eval(model, batch, build_task(cfg).prompt_len, settings, max_depth=max_depth,
+                              eos_id=chains.EOS if cfg.data.kind == "chains" else arithmetic.EOS,
                               cache=args.cache, cache_slots=args.cache_slots, rho_iters=args.exit_rho_iters,
                               warm_start=args.warm_start, batch_size=cfg.eval.batch_size)
     results["exit_rules"] = rows
@@ -300,6 +340,8 @@ def _log_to_run(cfg, run_id: str, results: dict, jpath: Path, ppath: Path, extra
         m = {"eval_loss": results["loss"][i], "eval_rho": results["rho"][i], "eval_delta_h": results["delta_h"][i]}
         if results["accuracy"] is not None:
             m["eval_accuracy"] = results["accuracy"][i]
+        for g, acc in results.get("accuracy_by_group", {}).items():
+            m[f"eval_accuracy_difficulty_{g}"] = acc[i]
         tracker.log_metrics(m, step=d)
     for row in results.get("exit_rules", []):
         name = f"exit_{row['rule']}_{row['tol']:g}"

@@ -11,6 +11,7 @@ from typing import Protocol
 import torch
 
 from stars_scale.config import RunConfig
+from stars_scale.data import chains
 from stars_scale.data.arithmetic import VOCAB_SIZE, ArithmeticTask
 from stars_scale.errors import ConfigError
 
@@ -27,16 +28,17 @@ class BatchSource(Protocol):
 
 
 class ArithmeticSource:
-    """The in-memory arithmetic stream: global batch i is a pure function of (seed, i); data-parallel
-    rank r reads its rows [r * batch_size, (r + 1) * batch_size), so dp ranks together see exactly
-    the batch one process sees."""
+    """The in-memory task stream (arithmetic or chains): global batch i is a pure function of
+    (seed, i); data-parallel rank r reads its rows [r * batch_size, (r + 1) * batch_size), so dp
+    ranks together see exactly the batch one process sees."""
 
-    def __init__(self, task: ArithmeticTask, batch_size: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, task, batch_size: int, dp_rank: int = 0, dp_size: int = 1):
         self.task = task
         self.batch_size = batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seq_len = task.seq_len
-        self.vocab_size = VOCAB_SIZE
+        self.vocab_size = getattr(task, "vocab_size", VOCAB_SIZE)
+        self.kind = getattr(task, "kind", "arithmetic")
         self.index = 0
 
     def next_batch(self) -> dict[str, torch.Tensor]:
@@ -47,17 +49,27 @@ class ArithmeticSource:
         return batch
 
     def state_dict(self) -> dict:
-        return {"kind": "arithmetic", "index": self.index, "dp_size": self.dp_size}
+        return {"kind": self.kind, "index": self.index, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("kind") != "arithmetic":
+        if state.get("kind") != self.kind:
             raise ConfigError(f"data: checkpoint was written with data of kind {state.get('kind')!r}, "
-                              "not arithmetic")
+                              f"not {self.kind}")
         self.index = int(state["index"])
 
 
-def build_task(cfg: RunConfig) -> ArithmeticTask:
+def build_task(cfg: RunConfig, test_difficulty: tuple[int, int] | None = None, test_size: int | None = None):
+    """The in-memory task of `data.kind` (arithmetic or chains); chains' test set may be redrawn over
+    another difficulty range and size (`stars-eval depth --difficulty`)."""
     d = cfg.data
+    if d.kind == "chains":
+        try:
+            return chains.ChainsTask(statements=d.statements, variables=d.variables, difficulty=tuple(d.difficulty),
+                                     test_difficulty=tuple(test_difficulty or d.test_difficulty),
+                                     chains=d.chains, order=d.order, seed=cfg.seed,
+                                     test_size=test_size or d.test_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return ArithmeticTask(digits=d.digits, seed=cfg.seed, test_size=d.test_size, train_size=d.train_size,
                           reverse_answer=d.reverse_answer, reverse_operands=d.reverse_operands)
 
@@ -90,8 +102,9 @@ def build_eval_batch(cfg: RunConfig, samples: int, dp_rank: int = 0, dp_size: in
                      ) -> tuple[dict[str, torch.Tensor], bool]:
     """The fixed evaluation set and whether it has exact-match answers.
 
-    Arithmetic: the first `samples` test problems. Shards: `data.val_batches` batches of the val
-    split, read from its start every time (the same tokens at every evaluation); arithmetic shards
+    Arithmetic: the first `samples` test problems; chains: `samples` test problems spread evenly
+    over the test difficulties (with a "difficulty" row per problem). Shards: `data.val_batches`
+    batches of the val split, read from its start every time (the same tokens at every evaluation); arithmetic shards
     (answer-only labels) are scored by exact match too.
     """
     if cfg.data.kind != "shards":
@@ -101,7 +114,7 @@ def build_eval_batch(cfg: RunConfig, samples: int, dp_rank: int = 0, dp_size: in
 
     datasets = _shard_datasets(cfg)
     paths = [datasets] if isinstance(datasets, str) else [p for p, _ in datasets]
-    has_answers = all(Manifest.load(p).kind == "arithmetic" for p in paths)
+    has_answers = all(Manifest.load(p).kind in ("arithmetic", "chains") for p in paths)
     src = ShardSource(datasets, _local_batch(cfg, dp_size), dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed,
                       split="val")
     batches = [src.next_batch() for _ in range(cfg.data.val_batches)]

@@ -117,6 +117,8 @@ def plot_groups(groups: list[tuple[str, dict]], path: Path, title: str = "") -> 
             if g["n"] > 1:
                 ax.fill_between(g["depths"], lo, hi, color=color, alpha=0.2, lw=0)
     axes[0].set_ylabel("exact match (%)" if has_acc else "loss")
+    if has_acc:
+        axes[0].set_ylim(-2, 102)
     axes[1].set_ylabel("‖h_r − h_{r−1}‖ / ‖h_{r−1}‖")
     axes[1].set_yscale("log")
     axes[2].set_ylabel("ρ̂ of the core map")

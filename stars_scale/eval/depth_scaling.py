@@ -4,7 +4,9 @@ For every depth r of the sweep, on a fixed test set:
 - accuracy: exact match (tasks with an answer; arithmetic), else None;
 - loss: mean cross-entropy over labelled tokens (perplexity = exp(loss));
 - delta_h: mean over sequences of ‖s_r − s_{r−1}‖ / ‖s_{r−1}‖ (has the recurrence settled?);
-- rho: ρ̂ of the core map at the end state s_r (forward-mode power iteration, `rho_iters`).
+- rho: ρ̂ of the core map at the end state s_r (forward-mode power iteration, `rho_iters`);
+- with `groups` (one integer per test problem, e.g. the chains task's difficulty): the accuracy of
+  each group at every depth (`accuracy_by_group`, `group_sizes`).
 
 The sweep shares the loop: depths are visited in increasing order and the state is carried
 from one depth to the next, so the whole sweep costs max(depths) iterations, not their sum.
@@ -27,7 +29,7 @@ from stars_scale.utils import atomic_write_json
 @torch.no_grad()
 def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho_iters: int = 20,
                 rho_samples: int = 64, batch_size: int = 256, seed: int = 0,
-                has_accuracy: bool = True) -> dict:
+                has_accuracy: bool = True, groups: torch.Tensor | None = None) -> dict:
     if not depths:
         raise ValueError("depths must not be empty")
     depths = sorted(set(int(d) for d in depths))
@@ -41,6 +43,10 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
     tok_sum = 0
     dh_sum = {d: 0.0 for d in depths}
     rho = {}
+    if groups is not None and (not has_accuracy or len(groups) != n):
+        raise ValueError("groups needs exact-match accuracy and one group per test sample")
+    keys = sorted(set(int(g) for g in groups)) if groups is not None else []
+    group_sum = {(g, d): 0.0 for g in keys for d in depths}
     device = next(model.parameters()).device
     for start in range(0, n, batch_size):
         ids = batch["input_ids"][start:start + batch_size].to(device)
@@ -60,7 +66,12 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
             ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
             loss_sum[d] += float((ce * mask).sum())
             if has_accuracy:
-                acc_sum[d] += float(ArithmeticTask.exact_match(logits, labels).sum())
+                right = ArithmeticTask.exact_match(logits, labels).cpu()
+                acc_sum[d] += float(right.sum())
+                if groups is not None:
+                    g = groups[start:start + batch_size]
+                    for key in keys:
+                        group_sum[key, d] += float(right[g == key].sum())
             num = (s - prev).float().flatten(1).norm(dim=1)
             den = prev.float().flatten(1).norm(dim=1).clamp_min(1e-12)
             dh_sum[d] += float((num / den).sum())
@@ -70,7 +81,7 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
                 rho[d] = float(estimate_spectral_radius(lambda h: model.core_step(h, es), hs, "jvp", rho_iters,
                                                         generator=torch.Generator().manual_seed(seed + 1)))
     model.train(was_training)
-    return {
+    out = {
         "depths": depths,
         "accuracy": [acc_sum[d] / n for d in depths] if has_accuracy else None,
         "loss": [loss_sum[d] / max(tok_sum, 1) for d in depths],
@@ -78,6 +89,11 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
         "rho": [rho[d] for d in depths],
         "delta_h": [dh_sum[d] / n for d in depths],
     }
+    if groups is not None:
+        sizes = {g: int((groups == g).sum()) for g in keys}
+        out["group_sizes"] = {str(g): sizes[g] for g in keys}
+        out["accuracy_by_group"] = {str(g): [group_sum[g, d] / sizes[g] for d in depths] for g in keys}
+    return out
 
 
 def plot_depth_scaling(results: dict | list[tuple[str, dict]], path: Path, title: str = "") -> None:

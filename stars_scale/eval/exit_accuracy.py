@@ -108,6 +108,7 @@ def plot_accuracy_vs_loops(fixed: dict, rules: list[dict], path: Path, title: st
                         xytext=(3, -9), textcoords="offset points")
     ax.set_xlabel("loops per generated token (fixed r, or the rule's mean)")
     ax.set_ylabel("exact match (%)")
+    ax.set_ylim(-2, 102)
     save_log2_plot(fig, ax, path, title)
 
 

@@ -8,7 +8,8 @@ latest complete checkpoint) or a converted checkpoint (`stars-convert import` ou
 - else a `tokenizer.json` next to the weights, else the one stored with the training data
   (`data.path` / the first `data.mixture` entry: `stars-data prepare` copies it there);
 - arithmetic models (data.kind arithmetic, or arithmetic shards) use the task's own format:
-  the 15-symbol vocabulary, prompts written as the task writes them (`123+456=`), EOS = <eos>.
+  the 15-symbol vocabulary, prompts written as the task writes them (`123+456=`), EOS = <eos>;
+  chains models likewise (`ba c7 ab d? `: one character per token, whitespace ignored).
 """
 from __future__ import annotations
 
@@ -43,6 +44,18 @@ def arithmetic_codec() -> Codec:
     return Codec("arithmetic", encode, lambda ids: decode_tokens(ids), EOS)
 
 
+def chains_codec() -> Codec:
+    from stars_scale.data.chains import EOS, decode_tokens, encode_text
+
+    def encode(text: str) -> list[int]:
+        try:
+            return encode_text(text)
+        except ValueError as e:
+            raise UserError(f"prompt {text!r}: {e}") from None
+
+    return Codec("chains", encode, lambda ids: decode_tokens(ids), EOS)
+
+
 def tokenizer_codec(path: Path) -> Codec:
     from stars_scale.data.tokenizer import find_eos, load_tokenizer
 
@@ -61,12 +74,12 @@ def _data_dirs(run) -> list[Path]:
     return [Path(d.path)] if d.path else [Path(m.path) for m in d.mixture]
 
 
-def _is_arithmetic_shards(data_dir: Path) -> bool:
+def _shards_kind(data_dir: Path) -> str | None:
     try:
         manifest = json.loads((data_dir / "manifest.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    return manifest.get("kind") == "arithmetic"
+        return None
+    return manifest.get("kind")
 
 
 def load_codec(run, ckpt_dir: Path, tokenizer: str | None = None) -> Codec:
@@ -75,8 +88,11 @@ def load_codec(run, ckpt_dir: Path, tokenizer: str | None = None) -> Codec:
     if (Path(ckpt_dir) / "tokenizer.json").is_file():
         return tokenizer_codec(Path(ckpt_dir) / "tokenizer.json")
     dirs = _data_dirs(run)
-    if run.data.kind == "arithmetic" or (dirs and _is_arithmetic_shards(dirs[0])):
+    kind = run.data.kind if run.data.kind != "shards" else (_shards_kind(dirs[0]) if dirs else None)
+    if kind == "arithmetic":
         return arithmetic_codec()
+    if kind == "chains":
+        return chains_codec()
     for d in dirs:  # the tokenizer file the dataset's manifest lists, resolved inside the dataset
         from stars_scale.data.shards import MANIFEST, Manifest
 
