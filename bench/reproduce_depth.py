@@ -179,7 +179,7 @@ def main() -> None:
             eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64",
                      "--samples", str(args.exit_samples),
                      "--exit", "contraction,delta", "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
-        from stars_scale.eval.test_time import summarise
+        from stars_scale.eval.exit_accuracy import summarise
 
         r = json.loads((ev / "depth_scaling.json").read_text())
         best = max(r["accuracy"])

@@ -159,7 +159,7 @@ def test_shards_round_trip(tmp_path):
     from stars_scale.data.loader import ShardSource
     from stars_scale.data.shards import Manifest
 
-    from test_data_helpers import stars_data
+    from data_helpers import stars_data
 
     res = stars_data("chains", "--statements", "8", "--variables", "10", "--difficulty", "1..3",
                      "--test-difficulty", "2..6", "--samples", "300", "--test-size", "25", "--blocks-per-shard",
