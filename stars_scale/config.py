@@ -288,17 +288,19 @@ class DataConfig:
             raise ConfigError(why)
         _range(self, at, 0, _MAX_INT, "shuffle_buffer")
         _range(self, at, 0, 1024, "num_workers")
+        # the chains fields are checked whatever the task, like every other field (a typo in a field
+        # the task does not read is still a typo); how they fit together only matters for chains
+        for name in ("difficulty", "test_difficulty"):
+            r = getattr(self, name)
+            _require(len(r) == 2 and 1 <= r[0] <= r[1], f"{at}.{name}",
+                     f"expected [lo, hi] with 1 <= lo <= hi, got {r!r}")
+        _range(self, at, 1, 26, "statements", "variables")
+        _range(self, at, 2, 10, "chains")
         if self.kind == "chains":
-            for name in ("difficulty", "test_difficulty"):
-                r = getattr(self, name)
-                _require(len(r) == 2 and 1 <= r[0] <= r[1], f"{at}.{name}",
-                         f"expected [lo, hi] with 1 <= lo <= hi, got {r!r}")
-            _range(self, at, 1, 26, "statements", "variables")
             _require(self.variables >= self.statements, f"{at}.variables",
                      f"must be >= data.statements ({self.statements}): every statement binds its own variable, "
                      f"got {self.variables}")
             top = max(self.difficulty[1], self.test_difficulty[1])
-            _range(self, at, 2, 10, "chains")
             _require(self.statements >= top + self.chains - 1, f"{at}.statements",
                      f"difficulty {top} and {self.chains - 1} distractor chain(s) need >= {top + self.chains - 1} "
                      f"statements, got {self.statements}")

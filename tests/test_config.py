@@ -22,6 +22,9 @@ def test_defaults_and_overrides():
     ({"model": {"hidden": 30, "heads": 4}}, [], "model.heads: hidden 30 is not divisible by heads 4"),
     ({}, ["noequals"], "expected key=value"),
     ({"model": 3}, [], "model: expected a mapping"),
+    # a field of another task is still checked (found by the fuzz suite: data.chains -24613283 trained)
+    ({"data": {"kind": "arithmetic", "chains": -24613283}}, [], "data.chains: must be >= 2"),
+    ({}, ["data.difficulty=[3,1]"], "data.difficulty: expected [lo, hi]"),
 ])
 def test_bad_input_names_the_field(data, overrides, needle):
     with pytest.raises(ConfigError) as e:
