@@ -73,6 +73,32 @@ def arithmetic_error(digits: int, test_size: int, train_size: int = 0) -> str | 
     return None
 
 
+def chains_error(statements: int, variables: int, difficulty, test_difficulty, chains: int,
+                 train_size: int = 0, for_kind: bool = True) -> str | None:
+    """Why the variable-binding chains task cannot be built with these fields (field: reason), or
+    None. The one rule for `data.*` and `ChainsTask`. The ranges hold whatever the task (a typo in a
+    field the task does not read is still a typo); with `for_kind` also how the fields fit together."""
+    for name, r in (("difficulty", difficulty), ("test_difficulty", test_difficulty)):
+        if len(r) != 2 or not 1 <= r[0] <= r[1]:
+            return f"data.{name}: expected [lo, hi] with 1 <= lo <= hi, got {list(r)!r}"
+    for name, value, lo, hi in (("statements", statements, 1, 26), ("variables", variables, 1, 26),
+                                ("chains", chains, 2, 10)):
+        if not lo <= value <= hi:
+            return f"data.{name}: must be {'>= %d' % lo if value < lo else '<= %d' % hi}, got {value}"
+    if not for_kind:
+        return None
+    if variables < statements:
+        return (f"data.variables: must be >= data.statements ({statements}): every statement binds its own "
+                f"variable, got {variables}")
+    top = max(difficulty[1], test_difficulty[1])
+    if statements < top + chains - 1:
+        return (f"data.statements={statements} leaves no room for {chains - 1} distractor chain(s) next to a chain "
+                f"of {top}: needs >= {top + chains - 1}")
+    if train_size != 0:
+        return "data.train_size: the chains task draws fresh problems (use 0)"
+    return None
+
+
 def parse_int(text: str) -> int | None:
     """A CLI integer as the config reads one: `12`, `1_000`, or an integral float such as `1e9`;
     None when `text` is not an integer."""
@@ -288,23 +314,10 @@ class DataConfig:
             raise ConfigError(why)
         _range(self, at, 0, _MAX_INT, "shuffle_buffer")
         _range(self, at, 0, 1024, "num_workers")
-        # the chains fields are checked whatever the task, like every other field (a typo in a field
-        # the task does not read is still a typo); how they fit together only matters for chains
-        for name in ("difficulty", "test_difficulty"):
-            r = getattr(self, name)
-            _require(len(r) == 2 and 1 <= r[0] <= r[1], f"{at}.{name}",
-                     f"expected [lo, hi] with 1 <= lo <= hi, got {r!r}")
-        _range(self, at, 1, 26, "statements", "variables")
-        _range(self, at, 2, 10, "chains")
-        if self.kind == "chains":
-            _require(self.variables >= self.statements, f"{at}.variables",
-                     f"must be >= data.statements ({self.statements}): every statement binds its own variable, "
-                     f"got {self.variables}")
-            top = max(self.difficulty[1], self.test_difficulty[1])
-            _require(self.statements >= top + self.chains - 1, f"{at}.statements",
-                     f"difficulty {top} and {self.chains - 1} distractor chain(s) need >= {top + self.chains - 1} "
-                     f"statements, got {self.statements}")
-            _require(self.train_size == 0, f"{at}.train_size", "the chains task draws fresh problems (use 0)")
+        why = chains_error(self.statements, self.variables, self.difficulty, self.test_difficulty, self.chains,
+                           self.train_size, for_kind=self.kind == "chains")
+        if why:
+            raise ConfigError(why)
         if self.kind == "shards":
             _require(bool(self.path) != bool(self.mixture), f"{at}.path",
                      "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")

@@ -16,7 +16,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from cli_cases import BASE, _yaml_text, assert_one_line_exit2, run_main, workdir  # noqa: F401 (a fixture)
 
 from stars_scale.cli import eval as eval_cli

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from stars_scale.config import chains_error
 from stars_scale.loss import IGNORE
 
 DIGITS = [str(i) for i in range(10)]
@@ -105,13 +106,6 @@ def parse_difficulty(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _parse_range(value, name: str) -> tuple[int, int]:
-    lo, hi = (int(x) for x in value)
-    if not 1 <= lo <= hi:
-        raise ValueError(f"{name} must be [lo, hi] with 1 <= lo <= hi, got {list(value)}")
-    return lo, hi
-
-
 @dataclass
 class ChainsTask:
     kind = "chains"
@@ -128,23 +122,13 @@ class ChainsTask:
     _test_keys: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        self.difficulty = _parse_range(self.difficulty, "data.difficulty")
-        self.test_difficulty = _parse_range(self.test_difficulty, "data.test_difficulty")
-        S, V = self.statements, self.variables
-        if not 1 <= S <= len(LETTERS):
-            raise ValueError(f"data.statements must be in 1..{len(LETTERS)}, got {S}")
-        if not S <= V <= len(LETTERS):
-            raise ValueError(f"data.variables must be in data.statements..{len(LETTERS)} ({S}..26), got {V}")
-        top = max(self.difficulty[1], self.test_difficulty[1])
-        if top > S:
-            raise ValueError(f"difficulty {top} needs a chain of {top} statements; data.statements is {S}")
-        if self.train_size:
-            raise ValueError("data.train_size: the chains task draws fresh problems every step (use 0)")
-        if not 2 <= self.chains <= 10:
-            raise ValueError(f"data.chains must be in 2..10 (distinct root digits), got {self.chains}")
-        if S < top + self.chains - 1:
-            raise ValueError(f"data.statements={S} leaves no room for {self.chains - 1} distractor chain(s) next to "
-                             f"a chain of {top}: needs >= {top + self.chains - 1}")
+        why = chains_error(self.statements, self.variables, self.difficulty, self.test_difficulty, self.chains,
+                           self.train_size)
+        if why:
+            raise ValueError(why)
+        self.difficulty = tuple(int(x) for x in self.difficulty)
+        self.test_difficulty = tuple(int(x) for x in self.test_difficulty)
+        S = self.statements
         if self.order not in ("program", "shuffled"):
             raise ValueError(f"data.order must be program or shuffled, got {self.order!r}")
         if self.test_size < 1:
