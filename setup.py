@@ -11,6 +11,7 @@ from setuptools import find_packages, setup
 CORE = [
     "numpy>=1.24",
     "pyyaml>=6",
+    "pydantic>=2",  # config.py validates the run config with it
     "tqdm>=4.60",
     "matplotlib>=3.7",
     "mlflow==3.17.2",

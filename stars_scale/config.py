@@ -1,12 +1,12 @@
-"""Typed run configuration: YAML -> nested dataclasses, with clear errors.
+"""Typed run configuration: YAML -> nested dataclasses that pydantic validates, with one-line errors.
 
-Every field has a default; unknown keys, wrong types and out-of-range values raise
-`ConfigError` naming the dotted field (e.g. ``model.hidden``). ``--set a.b=c`` overrides are
-parsed as YAML scalars so ``--set stars.lam=0.1`` gives a float and ``--set
-eval.depths=[1,2,4]`` a list.
+Every field has a default; its type and bounds stand in its annotation (`Count`, `_int(0, 2)`,
+`_float(0.0, 1.0, lo_open=True)`, ...) and the rules between fields in its section's
+`_rules`. Unknown keys, wrong types and out-of-range values raise `ConfigError` naming the
+dotted field (e.g. ``model.hidden``) and what was expected. ``--set a.b=c`` overrides are parsed
+as YAML scalars so ``--set stars.lam=0.1`` gives a float and ``--set eval.depths=[1,2,4]`` a list.
+Code may build the dataclasses directly (converters, tests): they are checked when loaded.
 """
-from __future__ import annotations
-
 import dataclasses
 import keyword
 import math
@@ -15,9 +15,11 @@ import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from pydantic import (BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator,
+                      with_config)
 
 from stars_scale.errors import ConfigError
 
@@ -43,6 +45,9 @@ BOUNDS: dict[str, tuple[int, int]] = {
     # fixed training set as int64 codes (8 GiB at the cap)
     "test_problems": (0, 2**24),
     "train_problems": (0, 2**30),
+    # variable-binding chains: each statement binds its own letter; chains are rooted at distinct digits
+    "letters": (1, 26),  # data.statements, data.variables
+    "chains": (2, 10),  # data.chains
 }
 
 
@@ -58,14 +63,22 @@ def bound_error(value: float, kind: str, lo: float | None = None, hi: float | No
     return None
 
 
-def arithmetic_error(digits: int, test_size: int, train_size: int = 0) -> str | None:
-    """Why the n-digit addition task cannot be built with these sizes (field: reason), or None.
-    The one rule for `data.*` and `ArithmeticTask` (which `stars-data arithmetic` builds)."""
-    for name, value, kind in (("digits", digits, "digits"), ("test_size", test_size, "test_problems"),
-                              ("train_size", train_size, "train_problems")):
+def _data_bounds_error(*checks: tuple[str, float, str]) -> str | None:
+    """`data.<name>: why` for the first (name, value, BOUNDS kind) outside its bounds, or None."""
+    for name, value, kind in checks:
         why = bound_error(value, kind)
         if why:
             return f"data.{name}: {why}"
+    return None
+
+
+def arithmetic_error(digits: int, test_size: int, train_size: int = 0) -> str | None:
+    """Why the n-digit addition task cannot be built with these sizes (field: reason), or None.
+    The one rule for `data.*` and `ArithmeticTask` (which `stars-data arithmetic` builds)."""
+    why = _data_bounds_error(("digits", digits, "digits"), ("test_size", test_size, "test_problems"),
+                             ("train_size", train_size, "train_problems"))
+    if why:
+        return why
     space = 10 ** (2 * digits)  # pairs (a, b) of n-digit numbers
     if test_size >= space // 2:
         return (f"data.test_size: {test_size} is too large for {digits}-digit problems (there are {space}; "
@@ -81,12 +94,10 @@ def chains_error(statements: int, variables: int, difficulty, test_difficulty, c
     for name, r in (("difficulty", difficulty), ("test_difficulty", test_difficulty)):
         if len(r) != 2 or not 1 <= r[0] <= r[1]:
             return f"data.{name}: expected [lo, hi] with 1 <= lo <= hi, got {list(r)!r}"
-    for name, value, lo, hi in (("statements", statements, 1, 26), ("variables", variables, 1, 26),
-                                ("chains", chains, 2, 10)):
-        if not lo <= value <= hi:
-            return f"data.{name}: must be {'>= %d' % lo if value < lo else '<= %d' % hi}, got {value}"
-    if not for_kind:
-        return None
+    why = _data_bounds_error(("statements", statements, "letters"), ("variables", variables, "letters"),
+                             ("chains", chains, "chains"))
+    if why or not for_kind:
+        return why
     if variables < statements:
         return (f"data.variables: must be >= data.statements ({statements}): every statement binds its own "
                 f"variable, got {variables}")
@@ -99,6 +110,11 @@ def chains_error(statements: int, variables: int, difficulty, test_difficulty, c
     return None
 
 
+def _integral(value: Any) -> Any:
+    """1e3, 2.0e+4: integers written in float notation (YAML 1.2 reads them as floats) are integers."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def parse_int(text: str) -> int | None:
     """A CLI integer as the config reads one: `12`, `1_000`, or an integral float such as `1e9`;
     None when `text` is not an integer."""
@@ -107,27 +123,10 @@ def parse_int(text: str) -> int | None:
     except ValueError:
         pass
     try:
-        f = float(text)
+        value = _integral(float(text))
     except ValueError:
         return None
-    return int(f) if math.isfinite(f) and f.is_integer() else None
-
-
-def _require(cond: bool, field_name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
-
-
-def _range(obj: Any, at: str, lo: float, hi: float, *names: str, lo_open: bool = False,
-           hi_open: bool = False) -> None:
-    """Each of `names` (when not None) must lie in [lo, hi], with open ends as asked."""
-    for name in names:
-        v = getattr(obj, name)
-        if v is None:
-            continue
-        where = f"{at}.{name}" if at else name
-        _require(v > lo if lo_open else v >= lo, where, f"must be {'>' if lo_open else '>='} {_num(lo)}, got {v!r}")
-        _require(v < hi if hi_open else v <= hi, where, f"must be {'<' if hi_open else '<='} {_num(hi)}, got {v!r}")
+    return value if isinstance(value, int) else None
 
 
 def _num(x: float) -> str:
@@ -140,305 +139,301 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-@dataclass
+# --------------------------------------------------------------------------- field types
+
+# Strict: no "3" for 3, no 1 for true, no true for 1.0; an int is a number, an integral float an integer.
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
+
+def _int(lo: int, hi: int) -> Any:
+    """An integer in [lo, hi]."""
+    return Annotated[int, BeforeValidator(_integral), Strict(), Field(ge=lo, le=hi)]
+
+
+def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Any:
+    """A finite number in [lo, hi], (lo, hi], [lo, hi) or (lo, hi)."""
+    ends = {"gt" if lo_open else "ge": lo, "lt" if hi_open else "le": hi}
+    return Annotated[float, Strict(), Field(**ends)]
+
+
+def _list(item: Any) -> Any:
+    return Annotated[list[item], Strict()]
+
+
+Depth = _int(*BOUNDS["depth"])
+Count = _int(*BOUNDS["count"])
+Width = _int(*BOUNDS["width"])
+Iters = _int(*BOUNDS["power_iters"])
+Steps = _int(0, _MAX_INT)  # steps and intervals, where 0 means none or off
+Positive = _int(1, _MAX_INT)
+Int64 = _int(-(2**63 - 1), 2**63 - 1)  # an integer a tensor can hold
+Scale = _float(0.0, _MAX_FLOAT, lo_open=True)
+Fraction = _float(0.0, 1.0, lo_open=True)  # (0, 1]
+
+# Every section forbids keys it does not know, and every number is finite.
+_SECTION = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _section(cls: type) -> type:
+    return with_config(_SECTION)(dataclass(cls))
+
+
+def _rule(ok: bool, name: str, why: str) -> None:
+    """A rule between fields: `name` is the field it names within its section."""
+    if not ok:
+        raise ValueError(f"{name}: {why}")
+
+
+@_section
 class ModelConfig:
-    vocab_size: int = 16
-    hidden: int = 128
-    heads: int = 4
-    kv_heads: Optional[int] = None  # None: = heads (MHA); fewer: GQA
+    vocab_size: Width = 16
+    hidden: Width = 128
+    heads: Width = 4
+    kv_heads: Optional[Width] = None  # None: = heads (MHA); fewer: GQA
     mlp: Literal["swiglu", "gelu"] = "gelu"
-    mlp_hidden: Optional[int] = None  # None: 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)
+    mlp_hidden: Optional[Width] = None  # None: 4*hidden (gelu) or 8/3*hidden rounded to 64 (swiglu)
     norm: Literal["rmsnorm", "layernorm"] = "layernorm"
-    norm_eps: float = 1e-5
+    norm_eps: Fraction = 1e-5
     # peri: pre-norm plus a norm on each sublayer output before the residual add (Ouro)
     norm_placement: Literal["pre", "sandwich", "post", "peri"] = "sandwich"
     positions: Literal["rope", "learned"] = "learned"
-    rope_base: float = 10000.0
-    max_seq_len: int = 64
-    n_prelude: int = 0
-    n_core: int = 1
-    n_coda: int = 0
+    rope_base: _float(1.0, _MAX_FLOAT, lo_open=True) = 10000.0
+    max_seq_len: Width = 64
+    n_prelude: _int(0, _MAX_BLOCKS) = 0
+    n_core: _int(1, _MAX_BLOCKS) = 1
+    n_coda: _int(0, _MAX_BLOCKS) = 0
     injection: Literal["none", "add", "concat-linear"] = "none"
     init_state: Literal["zero", "embed", "random"] = "embed"
-    init_state_std: Optional[float] = None  # None: Huginn's sqrt(2/(5*hidden)) scaled recipe
-    state_norm: bool = False  # Ouro: a norm on the state after every loop iteration
-    final_norm: bool = True
-    tie_embeddings: bool = True
-    embed_scale: float = 1.0
-    bias: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
-    qk_norm: bool = False
+    init_state_std: Optional[Scale] = None  # None: Huginn's sqrt(2/(5*hidden)) scaled recipe
+    state_norm: Bool = False  # Ouro: a norm on the state after every loop iteration
+    final_norm: Bool = True
+    tie_embeddings: Bool = True
+    embed_scale: Scale = 1.0
+    bias: Bool = True
+    dropout: _float(0.0, 1.0, hi_open=True) = 0.0
+    init_std: Scale = 0.02
+    qk_norm: Bool = False
     attention: Literal["auto", "sdpa", "math", "flash"] = "auto"
     # Which of q/k/v projections carry a bias. None: all three follow `bias`. qk: Huginn's
     # qk_bias; qkv: Qwen2. o_proj and the MLP always follow `bias`.
     qkv_bias: Optional[Literal["none", "qk", "qkv"]] = None
     # Huginn applies its final norm (same weights) twice: to the end state before the coda
     # and after it. Needs final_norm: true.
-    pre_coda_norm: bool = False
+    pre_coda_norm: Bool = False
     # Ouro's early-exit gate: Linear(hidden, 1) on the state after each iteration. Kept as an
     # optional head (LoopedLM.exit_logits); it does not enter the LM loss.
-    exit_gate: bool = False
+    exit_gate: Bool = False
     # Fused CUDA kernels (csrc/, stars_scale/kernels): auto uses them on CUDA when the extension
     # is built; torch never; cuda requires them (a config error where they are not built).
     kernels: Literal["auto", "torch", "cuda"] = "auto"
 
-    def validate(self, at: str = "model") -> None:
-        _range(self, at, *BOUNDS["width"], "vocab_size", "hidden", "heads", "max_seq_len", "mlp_hidden")
-        _range(self, at, 1, _MAX_BLOCKS, "n_core")
-        _range(self, at, 0, _MAX_BLOCKS, "n_prelude", "n_coda")
-        _range(self, at, 1, self.heads, "kv_heads")
-        _require(self.hidden % self.heads == 0, f"{at}.heads",
-                 f"hidden {self.hidden} is not divisible by heads {self.heads}")
+    @model_validator(mode="after")
+    def _rules(self) -> "ModelConfig":
+        _rule(self.hidden % self.heads == 0, "heads", f"hidden {self.hidden} is not divisible by heads {self.heads}")
         kv = self.kv_heads or self.heads
-        _require(self.heads % kv == 0, f"{at}.kv_heads", f"heads {self.heads} must be a multiple of kv_heads {kv}")
-        if self.positions == "rope":
-            _require((self.hidden // self.heads) % 2 == 0, f"{at}.positions", "rope needs an even head dimension")
-            _range(self, at, 1.0, _MAX_FLOAT, "rope_base", lo_open=True)
-        _range(self, at, 0.0, 1.0, "dropout", hi_open=True)
-        _range(self, at, 0.0, 1.0, "norm_eps", lo_open=True)
-        _range(self, at, 0.0, _MAX_FLOAT, "init_std", "init_state_std", "embed_scale", lo_open=True)
-        _require(not (self.pre_coda_norm and not self.final_norm), f"{at}.pre_coda_norm",
-                 "needs model.final_norm: true (it reuses the final norm's weights)")
-        _require(not (self.injection == "none" and self.init_state != "embed"), f"{at}.init_state",
-                 "injection: none needs init_state: embed (otherwise the input never reaches the loop)")
+        _rule(self.heads % kv == 0, "kv_heads", f"heads {self.heads} must be a multiple of kv_heads {kv}")
+        _rule(self.positions != "rope" or (self.hidden // self.heads) % 2 == 0, "positions",
+              "rope needs an even head dimension")
+        _rule(not self.pre_coda_norm or self.final_norm, "pre_coda_norm",
+              "needs model.final_norm: true (it reuses the final norm's weights)")
+        _rule(self.injection != "none" or self.init_state == "embed", "init_state",
+              "injection: none needs init_state: embed (otherwise the input never reaches the loop)")
+        return self
 
 
-@dataclass
+@_section
 class CurriculumConfig:
-    steps: int = 0  # 0: off. Otherwise the mean depth ramps from `start` to the target over steps
-    start: float = 1.0
+    steps: Steps = 0  # 0: off. Otherwise the mean depth ramps from `start` to the target over steps
+    start: _float(0.0, _MAX_DEPTH, lo_open=True) = 1.0
     shape: Literal["linear", "sqrt"] = "linear"  # sqrt: 1 - sqrt(1 - t), fast at first
-    backprop_start: Optional[int] = None  # backprop depth ramps from this to depth.backprop too
-
-    def validate(self, at: str = "depth.curriculum") -> None:
-        _range(self, at, 0, _MAX_INT, "steps")
-        _range(self, at, 0.0, _MAX_DEPTH, "start", lo_open=True)
-        _range(self, at, *BOUNDS["depth"], "backprop_start")
+    backprop_start: Optional[Depth] = None  # backprop depth ramps from this to depth.backprop too
 
 
-@dataclass
+@_section
 class DepthConfig:
     dist: Literal["fixed", "lognormal", "poisson-lognormal", "uniform"] = "fixed"
-    value: int = 4  # fixed
-    mu: float = 2.0  # lognormal: clip(round(LogNormal(mu, sigma)), min, max)
-    sigma: float = 0.7  # lognormal and poisson-lognormal
-    mean: float = 32.0  # poisson-lognormal: Poisson(exp(N(ln(mean) - sigma^2/2, sigma))) + 1
-    min: int = 1
-    max: int = 100
-    backprop: Optional[int] = None  # truncated BPTT: gradients through the last k iterations
+    value: Depth = 4  # fixed
+    mu: _float(-20.0, 20.0) = 2.0  # lognormal: clip(round(LogNormal(mu, sigma)), min, max)
+    sigma: _float(0.0, 20.0) = 0.7  # lognormal and poisson-lognormal
+    # poisson-lognormal: Poisson(exp(N(ln(mean) - sigma^2/2, sigma))) + 1
+    mean: _float(0.0, _MAX_DEPTH, lo_open=True) = 32.0
+    min: Depth = 1
+    max: Depth = 100
+    backprop: Optional[Depth] = None  # truncated BPTT: gradients through the last k iterations
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
-    eval_depth: Optional[int] = None  # depth used for validation during training (None: median)
+    eval_depth: Optional[Depth] = None  # depth used for validation during training (None: median)
 
-    def validate(self, at: str = "depth") -> None:
-        _range(self, at, *BOUNDS["depth"], "value", "min", "max", "backprop", "eval_depth")
-        _require(self.max >= self.min, f"{at}.max", f"must be >= depth.min ({self.min}), got {self.max}")
-        _range(self, at, -20.0, 20.0, "mu")
-        _range(self, at, 0.0, 20.0, "sigma")
-        _range(self, at, 0.0, _MAX_DEPTH, "mean", lo_open=True)
-        _require(self.curriculum.backprop_start is None or self.backprop is not None,
-                 f"{at}.curriculum.backprop_start", "needs depth.backprop (the backprop depth it ramps to)")
+    @model_validator(mode="after")
+    def _rules(self) -> "DepthConfig":
+        _rule(self.max >= self.min, "max", f"must be >= depth.min ({self.min}), got {self.max}")
+        _rule(self.curriculum.backprop_start is None or self.backprop is not None, "curriculum.backprop_start",
+              "needs depth.backprop (the backprop depth it ramps to)")
+        return self
 
 
-@dataclass
+@_section
 class StarsConfig:
-    lam: float = 0.0
+    lam: _float(0.0, _MAX_FLOAT) = 0.0
     method: Literal["vjp", "jvp", "fd"] = "vjp"
-    iters: int = 1
+    iters: Iters = 1
     # vjp: which iterations carry the penalty's graph. all: every one, v never detached (the STARS
     # reference); last: the first iters-1 only choose the direction, the penalty is ‖Jᵀv‖² at it
     # (≈ ρ² with enough iters). jvp and fd always carry the last only.
     vjp_graph: Literal["all", "last"] = "all"
-    warmup_steps: int = 0  # the penalty enters the loss from this step on
+    warmup_steps: Steps = 0  # the penalty enters the loss from this step on
     combine: Literal["convex", "additive"] = "convex"  # (1-lam)*CE + lam*P, or CE + lam*P
-    sample_fraction: float = 1.0  # estimate on this fraction of the batch's sequences
+    sample_fraction: Fraction = 1.0  # estimate on this fraction of the batch's sequences
     normalize: Literal["tensor", "token"] = "tensor"
-    fd_eps: Optional[float] = None  # None: chosen from the dtype
-    estimate_every: int = 1  # compute rho-hat every N steps while the penalty is off
+    fd_eps: Optional[Fraction] = None  # None: chosen from the dtype
+    estimate_every: Steps = 1  # compute rho-hat every N steps while the penalty is off
     # Under bf16/fp16 autocast: fp32 runs the estimator's core evaluations in fp32 (accurate);
     # autocast keeps the step's dtype (cheaper; fd loses most digits, see stars/jacobian.py).
     probe_precision: Literal["fp32", "autocast"] = "fp32"
 
-    def validate(self, at: str = "stars") -> None:
-        _range(self, at, 0.0, _MAX_FLOAT, "lam")
-        _require(not (self.combine == "convex" and self.lam > 1), f"{at}.lam", "must be <= 1 with combine: convex")
-        _range(self, at, *BOUNDS["power_iters"], "iters")
-        _range(self, at, 0, _MAX_INT, "warmup_steps", "estimate_every")
-        _range(self, at, 0.0, 1.0, "sample_fraction", lo_open=True)
-        _range(self, at, 0.0, 1.0, "fd_eps", lo_open=True)
+    @model_validator(mode="after")
+    def _rules(self) -> "StarsConfig":
+        _rule(self.combine != "convex" or self.lam <= 1, "lam", "must be <= 1 with combine: convex")
+        return self
 
 
-@dataclass
+@_section
 class MixtureItem:
-    path: str = ""
-    weight: float = 1.0
-
-    def validate(self, at: str = "data.mixture[0]") -> None:
-        _require(bool(self.path), f"{at}.path", "must name a dataset directory")
-        _range(self, at, 0.0, _MAX_FLOAT, "weight", lo_open=True)
+    path: Annotated[Str, Field(min_length=1)] = ""  # a dataset directory
+    weight: Scale = 1.0
 
 
-@dataclass
+@_section
 class DataConfig:
     kind: Literal["arithmetic", "chains", "shards"] = "arithmetic"
     # rows of one batch over all data-parallel ranks (train.grad_accum batches per optimizer step);
     # each rank's share (batch_size / dp) is split into parallel.microbatches microbatches
-    batch_size: int = 64
+    batch_size: Count = 64
     # arithmetic (in-memory generator)
-    digits: int = 3
-    train_size: int = 0  # 0: fresh problems every step; else a fixed training set of this size
-    test_size: int = 512
-    reverse_answer: bool = True
-    reverse_operands: bool = False  # operands least-significant digit first as well
+    digits: _int(*BOUNDS["digits"]) = 3
+    train_size: _int(*BOUNDS["train_problems"]) = 0  # 0: fresh problems every step; else a fixed set
+    test_size: _int(1, BOUNDS["test_problems"][1]) = 512  # a run evaluates on a test set
+    reverse_answer: Bool = True
+    reverse_operands: Bool = False  # operands least-significant digit first as well
     # chains (variable-binding chains, data/chains.py): difficulty = lookups the answer needs
-    statements: int = 12  # binding statements per problem (prompt: 2 * statements + 2 tokens)
-    variables: int = 16  # variable names drawn from the first `variables` letters
-    difficulty: list[int] = field(default_factory=lambda: [1, 4])  # training range [lo, hi]
-    test_difficulty: list[int] = field(default_factory=lambda: [1, 4])  # test-set range [lo, hi]
-    chains: int = 3  # chains per problem (the query's + distractors), rooted at distinct digits
+    statements: _int(*BOUNDS["letters"]) = 12  # binding statements per problem (prompt: 2 * statements + 2 tokens)
+    variables: _int(*BOUNDS["letters"]) = 16  # variable names drawn from the first `variables` letters
+    difficulty: _list(Int64) = field(default_factory=lambda: [1, 4])  # training [lo, hi]
+    test_difficulty: _list(Int64) = field(default_factory=lambda: [1, 4])  # test set [lo, hi]
+    chains: _int(*BOUNDS["chains"]) = 3  # chains per problem (the query's + distractors), rooted at distinct digits
     order: Literal["program", "shuffled"] = "program"  # bound before referenced, or any order
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
-    path: Optional[str] = None  # one dataset directory (manifest.json + shards)
-    mixture: list[MixtureItem] = field(default_factory=list)  # or several, sampled by weight
-    num_workers: int = 0
-    shuffle_buffer: int = 1024
-    val_batches: int = 8  # validation batches (from the val split) per evaluation
+    path: Optional[Str] = None  # one dataset directory (manifest.json + shards)
+    mixture: _list(MixtureItem) = field(default_factory=list)  # or several, sampled by weight
+    num_workers: _int(0, 1024) = 0
+    shuffle_buffer: Steps = 1024
+    val_batches: Count = 8  # validation batches (from the val split) per evaluation
 
-    def validate(self, at: str = "data") -> None:
-        _range(self, at, *BOUNDS["count"], "batch_size", "val_batches")
-        _range(self, at, *BOUNDS["digits"], "digits")
-        _range(self, at, 1, BOUNDS["test_problems"][1], "test_size")  # a run evaluates on a test set
-        _range(self, at, *BOUNDS["train_problems"], "train_size")
-        why = arithmetic_error(self.digits, self.test_size, self.train_size) if self.kind == "arithmetic" else None
-        if why:
-            raise ConfigError(why)
-        _range(self, at, 0, _MAX_INT, "shuffle_buffer")
-        _range(self, at, 0, 1024, "num_workers")
-        why = chains_error(self.statements, self.variables, self.difficulty, self.test_difficulty, self.chains,
-                           self.train_size, for_kind=self.kind == "chains")
-        if why:
-            raise ConfigError(why)
-        if self.kind == "shards":
-            _require(bool(self.path) != bool(self.mixture), f"{at}.path",
-                     "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")
+    @model_validator(mode="after")
+    def _rules(self) -> "DataConfig":
+        why = (arithmetic_error(self.digits, self.test_size, self.train_size) if self.kind == "arithmetic" else None) \
+            or chains_error(self.statements, self.variables, self.difficulty, self.test_difficulty, self.chains,
+                            self.train_size, for_kind=self.kind == "chains")
+        if why:  # the shared rules name fields from the top (data.x), the section's rules from within it
+            raise ValueError(why.removeprefix("data."))
+        _rule(self.kind != "shards" or bool(self.path) != bool(self.mixture), "path",
+              "data.kind: shards needs exactly one of data.path (a dataset directory) or data.mixture")
+        return self
 
 
-@dataclass
+@_section
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    lr: Scale = 1e-3
+    min_lr_ratio: _float(0.0, 1.0) = 0.1
+    weight_decay: _float(0.0, _MAX_FLOAT) = 0.01
+    beta1: _float(0.0, 1.0, hi_open=True) = 0.9
+    beta2: _float(0.0, 1.0, hi_open=True) = 0.95
+    eps: Fraction = 1e-8
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 0
-    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
-    grad_clip: float = 1.0
-
-    def validate(self, at: str = "optim") -> None:
-        _range(self, at, 0.0, _MAX_FLOAT, "lr", lo_open=True)
-        _range(self, at, 0.0, 1.0, "min_lr_ratio")
-        _range(self, at, 0.0, _MAX_FLOAT, "weight_decay", "grad_clip")
-        _range(self, at, 0.0, 1.0, "beta1", "beta2", hi_open=True)
-        _range(self, at, 0.0, 1.0, "eps", lo_open=True)
-        _range(self, at, 0, _MAX_INT, "warmup_steps")
-        _range(self, at, 0.0, 1.0, "decay_fraction", lo_open=True)
+    warmup_steps: Steps = 0
+    decay_fraction: Fraction = 0.2  # wsd: final fraction of steps spent decaying
+    grad_clip: _float(0.0, _MAX_FLOAT) = 1.0
 
 
-@dataclass
+@_section
 class TrainConfig:
-    steps: int = 100
-    grad_accum: int = 1
+    steps: Positive = 100
+    grad_accum: Positive = 1
     dtype: Literal["fp32", "bf16"] = "fp32"
     checkpointing: Literal["none", "loop", "block"] = "none"
-    log_every: int = 1
-    ckpt_every: int = 0  # 0: only at the end
-    keep_last: int = 2
-    eval_every: int = 0  # validation accuracy during training (0: off)
-    progress: bool = True
+    log_every: Positive = 1
+    ckpt_every: Steps = 0  # 0: only at the end
+    keep_last: Positive = 2
+    eval_every: Steps = 0  # validation accuracy during training (0: off)
+    progress: Bool = True
     # CPU runs: keep freed host memory in the process for reuse (glibc mallopt, see
     # stars_scale/train/host_malloc.py) instead of page-faulting it back in every step.
     host_malloc: Literal["tuned", "system"] = "tuned"
     # a checkpoint save that fails (disk full, I/O error) warns and is retried at the next
     # interval; this many failures in a row stop the run
-    max_failed_saves: int = 3
+    max_failed_saves: Positive = 3
     # write periodic checkpoints on a background thread (the step goes on; the state is copied
     # first, so each rank holds a second copy of its part while a save is in flight)
-    async_save: bool = False
+    async_save: Bool = False
     # a step whose loss or global gradient norm is not finite is skipped (no update); after
     # max_skips in a row: skip -> stop, rollback -> reload the newest verified checkpoint with the
     # learning rate scaled by rollback_lr_scale, stop -> stop at the first one
     nonfinite: Literal["skip", "rollback", "stop"] = "skip"
-    max_skips: int = 3
-    rollback_lr_scale: float = 0.5
+    max_skips: Steps = 3
+    rollback_lr_scale: Fraction = 0.5
     # torch.compile regions (stars_scale/parallel/compile.py): none | block (each transformer
     # block) | model (the prelude, one loop iteration of the core, the coda + head)
     compile: Literal["none", "block", "model"] = "none"
 
-    def validate(self, at: str = "train") -> None:
-        _range(self, at, 1, _MAX_INT, "steps", "grad_accum", "log_every", "keep_last", "max_failed_saves")
-        _range(self, at, 0, _MAX_INT, "ckpt_every", "eval_every", "max_skips")
-        _range(self, at, 0.0, 1.0, "rollback_lr_scale", lo_open=True)
 
-
-@dataclass
+@_section
 class EvalConfig:
-    depths: list[int] = field(default_factory=list)  # run the depth sweep at the end of training
-    samples: int = 512
-    rho_iters: int = 20
-    batch_size: int = 256
-
-    def validate(self, at: str = "eval") -> None:
-        for i, dep in enumerate(self.depths):
-            msg = bound_error(dep, "depth")
-            _require(msg is None, f"{at}.depths[{i}]", str(msg))
-        _range(self, at, *BOUNDS["count"], "samples", "batch_size")
-        _range(self, at, *BOUNDS["power_iters"], "rho_iters")
+    depths: _list(Depth) = field(default_factory=list)  # run the depth sweep at the end of training
+    samples: Count = 512
+    rho_iters: Iters = 20
+    batch_size: Count = 256
 
 
-@dataclass
+@_section
 class TrackingConfig:
-    mlflow: bool = True
-    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite in the cwd
-    experiment: str = "stars_scale"
-    run_name: Optional[str] = None
-    system_metrics: bool = False  # CPU/GPU/memory/network per node, sampled by MLflow
-    system_metrics_interval: float = 10.0
+    mlflow: Bool = True
+    tracking_uri: Optional[Str] = None  # None: $MLFLOW_TRACKING_URI or sqlite in the cwd
+    experiment: Str = "stars_scale"
+    run_name: Optional[Str] = None
+    system_metrics: Bool = False  # CPU/GPU/memory/network per node, sampled by MLflow
+    system_metrics_interval: _float(0.1, 86400.0) = 10.0
     # true: a run whose MLflow store cannot start is refused; false: it runs untracked and says so once
-    required: bool = False
+    required: Bool = False
 
-    def validate(self, at: str = "tracking") -> None:
-        _require(self.mlflow or not self.required, f"{at}.required", "true needs tracking.mlflow: true")
-        _range(self, at, 0.1, 86400.0, "system_metrics_interval")
-        _require(bool(self.experiment.strip()), f"{at}.experiment", "must be a non-empty name")
+    @model_validator(mode="after")
+    def _rules(self) -> "TrackingConfig":
+        _rule(self.mlflow or not self.required, "required", "true needs tracking.mlflow: true")
+        _rule(bool(self.experiment.strip()), "experiment", "must be a non-empty name")
+        return self
 
 
-@dataclass
+@_section
 class InitConfig:
-    """Start from converted weights (`stars-convert import ... --out DIR`); YAML key `init.from`."""
+    """Start from converted weights (`stars-convert import ... --out DIR`)."""
 
-    from_: Optional[str] = None  # a converted checkpoint dir (config.yaml + model.safetensors)
-    strict: bool = True  # the run's model config must equal the converted one
+    # a converted checkpoint dir (config.yaml + model.safetensors); YAML key `from` (a Python keyword)
+    from_: Annotated[Optional[Str], Field(alias="from")] = None
+    strict: Bool = True  # the run's model config must equal the converted one
 
 
-@dataclass
+@_section
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    zero: int = 0
-    microbatches: int = 1
+    tp: _int(1, 4096) = 1
+    pp: _int(1, 4096) = 1
+    zero: _int(0, 2) = 0
+    microbatches: _int(1, 4096) = 1
     # pp > 1: 1f1b holds about pp microbatches' activations per stage; gpipe all of them
     schedule: Literal["1f1b", "gpipe"] = "1f1b"
 
-    def validate(self, at: str = "parallel") -> None:
-        _range(self, at, 1, 4096, "tp", "pp", "microbatches")
-        _require(self.zero in (0, 1, 2), f"{at}.zero", f"must be 0, 1 or 2, got {self.zero}")
 
-
-@dataclass
+@_section
 class RunConfig:
-    seed: int = 0
+    seed: _int(*BOUNDS["seed"]) = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     stars: StarsConfig = field(default_factory=StarsConfig)
@@ -450,85 +445,15 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
-    def validate(self, at: str = "") -> None:
-        _range(self, at, *BOUNDS["seed"], "seed")
-
     def to_dict(self) -> dict:
-        return _yaml_keys(dataclasses.asdict(self))
+        """Plain data with the YAML key names (`init.from`)."""
+        return _RUN.dump_python(self, by_alias=True)
 
 
-# --------------------------------------------------------------------------- parsing
+_RUN = TypeAdapter(RunConfig)
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(get_args(tp)[0])}"
-    if tp is type(None):
-        return "null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {_short(value)}")
-        return _build(tp, value, path)
-    if origin is Union:
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, path)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {_short(value)}")
-        (item,) = get_args(tp)
-        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {_short(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)  # 1e3, 2.0e+4: integers written in float notation
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {_short(value)}")
-        if not -2**63 < value < 2**63:
-            raise ConfigError(f"{path}: expected an integer that fits in 64 bits, got {_short(value)}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {_short(value)}")
-        try:
-            value = float(value)
-        except OverflowError:
-            value = math.inf
-        if not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, got {_short(value)}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_short(value)}")
-        return value
-    raise TypeError(f"unsupported config type {tp} at {path}")  # programming error
-
+# --------------------------------------------------------------------------- errors
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
@@ -542,34 +467,63 @@ def _short(value: Any) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _yaml_keys(d: Any) -> Any:
-    """Field `from_` is written as YAML key `from` (Python keywords cannot be field names)."""
-    if isinstance(d, dict):
-        return {(k[:-1] if k.endswith("_") and keyword.iskeyword(k[:-1]) else k): _yaml_keys(v) for k, v in d.items()}
-    return d
+
+# pydantic's error types, as what the value should have been
+_EXPECTED = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+             "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+             "bool_type": "true or false", "bool_parsing": "true or false", "string_type": "a string",
+             "string_too_short": "a non-empty string", "list_type": "a list", "dataclass_type": "a mapping"}
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:  # YAML keys are `from`, never the field's Python spelling `from_`
-        python_spelling = isinstance(key, str) and key.endswith("_") and keyword.iskeyword(key[:-1])
-        if (f"{key}_" if isinstance(key, str) and keyword.iskeyword(key) else key) not in names or python_spelling:
-            shown = key[:60] if isinstance(key, str) else _short(key)
-            where = f"{prefix}.{shown}" if prefix else shown
-            hint = f"; write it as '{key[:-1]}'" if python_spelling else ""
-            raise ConfigError(
-                f"{where}: unknown config key (known keys{' of ' + prefix if prefix else ''}: "
-                f"{', '.join(sorted(n.rstrip('_') for n in names))}){hint}"
-            )
-    data = {(f"{k}_" if isinstance(k, str) and keyword.iskeyword(k) else k): v for k, v in data.items()}
-    kwargs = {}
-    for name in names:
-        if name in data:
-            shown = name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
-            path = f"{prefix}.{shown}" if prefix else shown
-            kwargs[name] = _coerce(data[name], hints[name], path)
-    return cls(**kwargs)
+def _yaml_key(name: str) -> str:
+    """Field `from_` is YAML key `from` (Python keywords cannot be field names)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic location as the dotted field a user writes: `data.mixture[0].path`."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f"{'.' if out else ''}{str(part)[:60]}"
+    return out
+
+
+def _keys_of(loc: tuple) -> list[str]:
+    """The YAML keys of the section at `loc`."""
+    tp: Any = RunConfig
+    for part in loc:
+        if isinstance(part, str):
+            tp = next(f.type for f in dataclasses.fields(tp) if _yaml_key(f.name) == part)
+        while not dataclasses.is_dataclass(tp):  # list[...] and its annotations: the item's section
+            tp = typing.get_args(tp)[0]
+    return sorted(_yaml_key(f.name) for f in dataclasses.fields(tp))
+
+
+def _explain(err: dict) -> str:
+    """One pydantic error as one line: the field, what was expected, what was given."""
+    loc, kind, ctx, value = err["loc"], err["type"], err.get("ctx") or {}, err.get("input")
+    where = _where(loc)
+    if kind == "value_error":  # a section's rule, naming its field within the section
+        return f"{where}.{ctx['error']}" if where else str(ctx["error"])
+    if kind in ("unexpected_keyword_argument", "invalid_key"):
+        section, key = _where(loc[:-1]), loc[-1]
+        shown = key[:60] if isinstance(key, str) else _short(key)
+        hint = f"; write it as '{_yaml_key(key)}'" if isinstance(key, str) and _yaml_key(key) != key else ""
+        return (f"{section + '.' if section else ''}{shown}: unknown config key (known keys"
+                f"{' of ' + section if section else ''}: {', '.join(_keys_of(loc[:-1]))}){hint}")
+    if kind in _BOUNDS:
+        end, op = _BOUNDS[kind]
+        why = f"must be {op} {_num(ctx[end])}, got {_short(value)}"
+    elif kind == "literal_error":
+        why = f"expected one of {ctx['expected']}, got {_short(value)}"
+    else:
+        why = f"expected {_EXPECTED[kind]}, got {_short(value)}" if kind in _EXPECTED else err["msg"]
+    return f"{where}: {why}" if where else why
+
+
+# --------------------------------------------------------------------------- parsing
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -684,9 +638,10 @@ def config_from_dict(data: dict, overrides: list[str] | None = None) -> RunConfi
     data = dict(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
-    cfg = _build(RunConfig, data)
-    validate(cfg)
-    return cfg
+    try:
+        return _RUN.validate_python(data)
+    except ValidationError as e:  # the first problem, in one line (pydantic lists them all, over many)
+        raise ConfigError(_explain(e.errors(include_url=False)[0])) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -723,22 +678,3 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     from stars_scale.utils import atomic_write_text
 
     atomic_write_text(Path(path), config_text(cfg))
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def validate(cfg: Any, at: str = "") -> None:
-    """Run every dataclass's own `validate(at)` (each checks its fields where they are defined)."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        shown = f.name[:-1] if f.name.endswith("_") and keyword.iskeyword(f.name[:-1]) else f.name
-        path = f"{at}.{shown}" if at else shown
-        if dataclasses.is_dataclass(value):
-            validate(value, path)
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                if dataclasses.is_dataclass(item):
-                    validate(item, f"{path}[{i}]")
-    if hasattr(cfg, "validate"):
-        cfg.validate(at)
