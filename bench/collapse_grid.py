@@ -70,7 +70,7 @@ def summarize(r: dict, train_depth: int) -> dict:
 def run_one(name: str, overrides: list[str], out: Path, seed: int) -> dict:
     rdir = out / name.replace("=", "-").replace(",", "_") / f"seed{seed}"
     if not (rdir / "depth_scaling.json").is_file():
-        cmd = [sys.executable, "-m", "stars_scale.train", "--config", str(ROOT / BASE["config"]),
+        cmd = [sys.executable, "-m", "stars_scale.cli.train", "--config", str(ROOT / BASE["config"]),
                "--out", str(rdir)]
         for o in BASE["set"] + overrides + [f"seed={seed}"]:
             cmd += ["--set", o]

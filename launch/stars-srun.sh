@@ -23,7 +23,7 @@
 #
 # Environment read here (all optional except under Slurm's own):
 #   STARS_LAUNCH_MODE     torchrun | srun                      (torchrun)
-#   STARS_MODULE          python module to run                 (stars_scale.train)
+#   STARS_MODULE          python module to run                 (stars_scale.cli.train)
 #   STARS_PYTHON          python interpreter                   (python3)
 #   STARS_NPROC_PER_NODE  torchrun workers per node            (1)
 #   STARS_MASTER_ADDR     rendezvous host                      (head node, see above)
@@ -40,7 +40,7 @@ if [[ -z "${SLURM_JOB_ID:-}" || -z "${SLURM_PROCID:-}" ]]; then
 fi
 
 MODE=${STARS_LAUNCH_MODE:-torchrun}
-MODULE=${STARS_MODULE:-stars_scale.train}
+MODULE=${STARS_MODULE:-stars_scale.cli.train}
 PYTHON=${STARS_PYTHON:-python3}
 
 # Address of a Slurm node: its name if the name resolves, else its NodeAddr.

@@ -235,7 +235,7 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
            "train": {"steps": 4, "progress": False}, "eval": {"depths": [1, 2], "samples": 30},
            "tracking": {"mlflow": False}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    res = _cli("stars_scale.train", "--config", "cfg.yaml", "--out", "run", cwd=tmp_path)
+    res = _cli("stars_scale.cli.train", "--config", "cfg.yaml", "--out", "run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     res = _cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--depths", "1,2,4", "--difficulty", "1..6",
                "--samples", "36", "--out", "ev", "--no-mlflow", cwd=tmp_path)

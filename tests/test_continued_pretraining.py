@@ -48,7 +48,7 @@ def test_retrofit_then_train_from_converted_weights(tmp_path):
                  "optim.schedule=wsd", "optim.lr=0.0003", "optim.warmup_steps=2",
                  "stars.lam=0.1", "stars.method=fd", "stars.warmup_steps=3",
                  "train.steps=6", "train.progress=false", "tracking.mlflow=false", "eval.depths=[]"]
-    run(["stars_scale.train", "--config", "conv/config.yaml", "--out", "run",
+    run(["stars_scale.cli.train", "--config", "conv/config.yaml", "--out", "run",
          *[x for o in overrides for x in ("--set", o)]], tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["depth"] == 1 and rows[0]["n_grad"] == 1  # curriculum starts shallow
@@ -69,7 +69,7 @@ def test_retrofit_then_train_from_converted_weights(tmp_path):
     assert abs(ce.item() - rows[0]["ce"]) < 1e-5
 
     # a model config that disagrees with the converted weights is refused, naming the field
-    res = run(["stars_scale.train", "--config", "conv/config.yaml", "--out", "bad", "--set", "init.from=conv",
+    res = run(["stars_scale.cli.train", "--config", "conv/config.yaml", "--out", "bad", "--set", "init.from=conv",
                "--set", "model.hidden=64", "--set", "model.heads=4", "--set", "tracking.mlflow=false"],
               tmp_path, check=False)
     assert res.returncode == 2 and "model.hidden: run has 64" in res.stderr

@@ -35,7 +35,7 @@ def _config(tmp: Path) -> Path:
 
 def _torchrun(cfg: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "stars_scale.train",
+           "--max-restarts", "1", "--monitor-interval", "0.2", "-m", "stars_scale.cli.train",
            "--config", str(cfg), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -56,7 +56,7 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
     out = []
     for c in psutil.Process(proc.pid).children(recursive=True):
         try:
-            if "stars_scale.train" in " ".join(c.cmdline()):
+            if "stars_scale.cli.train" in " ".join(c.cmdline()):
                 out.append(c)
         except psutil.NoSuchProcess:
             pass

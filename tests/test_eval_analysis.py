@@ -17,7 +17,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    res = run(["stars_scale.train", "--config", "tiny.yaml", "--out", "run"], tmp)
+    res = run(["stars_scale.cli.train", "--config", "tiny.yaml", "--out", "run"], tmp)
     return tmp, json.loads(res.stdout.strip().splitlines()[-1])
 
 

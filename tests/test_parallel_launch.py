@@ -1,4 +1,4 @@
-"""Layouts are checked before any process group exists; `torchrun -m stars_scale.train` works."""
+"""Layouts are checked before any process group exists; `torchrun -m stars_scale.cli.train` works."""
 from __future__ import annotations
 
 import json
@@ -55,7 +55,7 @@ def _env() -> dict:
 
 def _torchrun(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "stars_scale.train", *args]
+           "-m", "stars_scale.cli.train", *args]
     return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -89,7 +89,7 @@ def test_each_rank_rejects_a_bad_layout_without_waiting_for_the_others(tmp_path,
     env = _env()
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    res = subprocess.run([sys.executable, "-m", "stars_scale.train", "--config", str(config_file), "--out", "r",
+    res = subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", str(config_file), "--out", "r",
                           "--set", "parallel.tp=3"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2, res.stderr[-3000:]

@@ -47,7 +47,7 @@ def test_training_run_survives_a_server_outage(tmp_path, mlflow_server):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))
     env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=mlflow_server.uri)
-    proc = subprocess.Popen([sys.executable, "-m", "stars_scale.train", "--config", str(cfg), "--out", "run"],
+    proc = subprocess.Popen([sys.executable, "-m", "stars_scale.cli.train", "--config", str(cfg), "--out", "run"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
 

@@ -49,7 +49,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def test_train_checkpoint_eval_and_mlflow(tmp_path, tiny_config):
-    res = run(["stars_scale.train", "--config", str(tiny_config), "--out", "run"], tmp_path)
+    res = run(["stars_scale.cli.train", "--config", str(tiny_config), "--out", "run"], tmp_path)
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     run_dir = tmp_path / "run"
     rows = metrics(run_dir)
@@ -91,7 +91,7 @@ def test_train_checkpoint_eval_and_mlflow(tmp_path, tiny_config):
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_config):
-    base = ["stars_scale.train", "--config", str(tiny_config), "--set", "tracking.mlflow=false",
+    base = ["stars_scale.cli.train", "--config", str(tiny_config), "--set", "tracking.mlflow=false",
             "--set", "train.steps=20", "--set", "train.ckpt_every=0", "--set", "eval.depths=[]",
             "--set", "train.eval_every=0", "--set", "model.dropout=0.1", "--set", "model.init_state=random",
             "--set", "model.injection=add"]
@@ -114,7 +114,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_config):
     (["--resume"], "no complete checkpoint"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, tiny_config, args, needle):
-    res = run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", *args], tmp_path, check=False)
+    res = run(["stars_scale.cli.train", "--config", str(tiny_config), "--out", "r", *args], tmp_path, check=False)
     assert res.returncode == 2
     assert needle in res.stderr
     assert "Traceback" not in res.stderr
@@ -122,7 +122,7 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_config, args, needle):
 
 
 def test_missing_config_and_missing_checkpoint_for_eval(tmp_path):
-    res = run(["stars_scale.train", "--config", "nope.yaml"], tmp_path, check=False)
+    res = run(["stars_scale.cli.train", "--config", "nope.yaml"], tmp_path, check=False)
     assert res.returncode == 2 and "nope.yaml: config file not found" in res.stderr and "Traceback" not in res.stderr
     res = run(["stars_scale.cli.eval", "depth", "--checkpoint", "missing", "--depths", "1,2"], tmp_path, check=False)
     assert res.returncode == 2 and "missing: checkpoint not found" in res.stderr and "Traceback" not in res.stderr
@@ -131,17 +131,17 @@ def test_missing_config_and_missing_checkpoint_for_eval(tmp_path):
 
 
 def test_existing_run_is_never_overwritten(tmp_path, tiny_config):
-    run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
+    run(["stars_scale.cli.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
          "--set", "eval.depths=[]"], tmp_path)
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
-    res = run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false"],
+    res = run(["stars_scale.cli.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false"],
               tmp_path, check=False)
     assert res.returncode == 2 and "already holds checkpoints" in res.stderr
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
 
 
 def test_resume_auto_starts_fresh_and_a_finished_run_is_left_alone(tmp_path, tiny_config):
-    base = ["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
+    base = ["stars_scale.cli.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
             "--set", "eval.depths=[]"]
     run(base + ["--resume", "auto"], tmp_path)  # nothing to resume yet: a fresh run (a requeued job's case)
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
@@ -157,7 +157,7 @@ def test_trained_run_exports_to_hf_and_imports_back_bit_exact(tmp_path, tiny_con
     from stars_scale.convert import load_converted
     from stars_scale.checkpoint.dcp import read_checkpoint
 
-    run(["stars_scale.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
+    run(["stars_scale.cli.train", "--config", str(tiny_config), "--out", "r", "--set", "tracking.mlflow=false",
          "--set", "train.steps=4"], tmp_path)
     run(["stars_scale.cli.convert", "export", "r", "--to", "hf", "--out", "hf"], tmp_path)  # the run dir
     card = (tmp_path / "hf" / "README.md").read_text()

@@ -14,7 +14,7 @@ from data_helpers import make_dataset, stars_data
 
 def train(cwd: Path, cfg: Path, out: str, *extra: str) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "-m", "stars_scale.train", "--config", str(cfg), "--out", out, *extra],
+    res = subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", str(cfg), "--out", out, *extra],
                          cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr
     return [json.loads(line) for line in (cwd / out / "metrics.jsonl").read_text().splitlines()]
@@ -69,7 +69,7 @@ def test_resume_refuses_a_different_data_layout(tmp_path):
     manifest = json.loads((Path(data) / "manifest.json").read_text())
     cfg = config(tmp_path, {"path": str(data), "num_workers": 2}, manifest["vocab_size"], manifest["seq_len"])
     train(tmp_path, cfg, "r", "--stop-after-steps", "2")
-    res = subprocess.run([sys.executable, "-m", "stars_scale.train", "--config", str(cfg), "--out", "r", "--resume",
+    res = subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", str(cfg), "--out", "r", "--resume",
                           "--set", "data.num_workers=1"], cwd=tmp_path, capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "worker" in res.stderr

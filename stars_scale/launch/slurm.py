@@ -18,7 +18,7 @@ from stars_scale.launch.layout import Layout
 from stars_scale.launch.sweep import SweepTask
 
 MODES = ("torchrun", "srun")
-DEFAULT_MODULE = "stars_scale.train"
+DEFAULT_MODULE = "stars_scale.cli.train"
 WRAPPER = "stars-srun.sh"
 TEMPLATE = "sbatch.template"
 PARENT_PLACEHOLDER = "(created at submission)"
