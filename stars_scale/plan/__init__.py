@@ -41,10 +41,10 @@ FLOPs/token 6·(N_outer + r̄_grad·N_core) + 2·r̄_free·N_core + attention, w
             in MFU."""
 from stars_scale.plan.counting import (BlockParams, DepthStats, Flops, ParamCounts, block_params, depth_stats,
                                       flops_per_token, param_counts)
-from stars_scale.plan.memory import (ActivationBytes, StageShape, StateBytes, activation_bytes, block_activation_elems,
-                                    stage_param_elems, stage_shapes, state_bytes)
-from stars_scale.plan.report import fmt_bytes, fmt_count, format_plan, plan_to_dict
-from stars_scale.plan.search import GPUS, GiB, GPUSpec, LayoutPlan, Plan, evaluate_layout, plan
+from stars_scale.plan.memory import (ActivationBytes, GiB, StageShape, StateBytes, activation_bytes, block_activation_elems,
+                                    fmt_bytes, stage_param_elems, stage_shapes, state_bytes)
+from stars_scale.plan.report import fmt_count, format_plan, plan_to_dict
+from stars_scale.plan.search import GPUS, GPUSpec, LayoutPlan, Plan, evaluate_layout, plan
 
 __all__ = ["BlockParams", "DepthStats", "Flops", "ParamCounts", "block_params", "depth_stats", "flops_per_token",
            "param_counts", "ActivationBytes", "StageShape", "StateBytes", "activation_bytes", "block_activation_elems",

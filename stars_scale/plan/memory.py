@@ -11,6 +11,12 @@ from stars_scale.model.layers import mlp_hidden as _mlp_hidden
 from stars_scale.parallel.layout import padded_vocab
 from stars_scale.plan.counting import ParamCounts
 
+GiB = 1024**3
+
+
+def fmt_bytes(x: float) -> str:
+    return f"{x / GiB:.1f} GiB" if x >= 0.1 * GiB else f"{x / 1024**2:.1f} MiB"
+
 
 def _norm_saved(m: ModelConfig) -> tuple[int, int]:
     """(hidden-sized, per-token scalars) a norm saves, beyond the output its consumer keeps."""

@@ -4,14 +4,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Literal
 
+from stars_scale.plan.memory import fmt_bytes
+
 if TYPE_CHECKING:
     from stars_scale.plan.search import LayoutPlan, Plan
-
-GiB = 1024**3
-
-
-def fmt_bytes(x: float) -> str:
-    return f"{x / GiB:.1f} GiB" if x >= 0.1 * GiB else f"{x / 1024**2:.1f} MiB"
 
 
 def fmt_count(n: float) -> str:

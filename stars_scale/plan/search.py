@@ -12,11 +12,7 @@ from stars_scale.model.layers import mlp_hidden as _mlp_hidden
 from stars_scale.parallel.layout import layout_problems
 from stars_scale.parallel.schedule import peak_held
 from stars_scale.plan.counting import DepthStats, Flops, ParamCounts, depth_stats, flops_per_token, param_counts
-from stars_scale.plan.memory import StateBytes, activation_bytes, stage_param_elems, stage_shapes, state_bytes, vocab_rows_per_rank
-from stars_scale.plan.report import fmt_bytes
-
-
-GiB = 1024**3
+from stars_scale.plan.memory import GiB, StateBytes, activation_bytes, fmt_bytes, stage_param_elems, stage_shapes, state_bytes, vocab_rows_per_rank
 
 
 @dataclass(frozen=True)
