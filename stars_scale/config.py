@@ -9,7 +9,6 @@ Code may build the dataclasses directly (converters, tests): they are checked wh
 """
 import dataclasses
 import keyword
-import math
 import re
 import reprlib
 import typing
@@ -165,6 +164,12 @@ Depth = _int(*BOUNDS["depth"])
 Count = _int(*BOUNDS["count"])
 Width = _int(*BOUNDS["width"])
 Iters = _int(*BOUNDS["power_iters"])
+Seed = _int(*BOUNDS["seed"])
+Digits = _int(*BOUNDS["digits"])
+Letters = _int(*BOUNDS["letters"])
+Chains = _int(*BOUNDS["chains"])
+TrainProblems = _int(*BOUNDS["train_problems"])
+TestProblems = _int(1, BOUNDS["test_problems"][1])  # a run evaluates on a test set
 Steps = _int(0, _MAX_INT)  # steps and intervals, where 0 means none or off
 Positive = _int(1, _MAX_INT)
 Int64 = _int(-(2**63 - 1), 2**63 - 1)  # an integer a tensor can hold
@@ -310,17 +315,17 @@ class DataConfig:
     # each rank's share (batch_size / dp) is split into parallel.microbatches microbatches
     batch_size: Count = 64
     # arithmetic (in-memory generator)
-    digits: _int(*BOUNDS["digits"]) = 3
-    train_size: _int(*BOUNDS["train_problems"]) = 0  # 0: fresh problems every step; else a fixed set
-    test_size: _int(1, BOUNDS["test_problems"][1]) = 512  # a run evaluates on a test set
+    digits: Digits = 3
+    train_size: TrainProblems = 0  # 0: fresh problems every step; else a fixed set
+    test_size: TestProblems = 512
     reverse_answer: Bool = True
     reverse_operands: Bool = False  # operands least-significant digit first as well
     # chains (variable-binding chains, data/chains.py): difficulty = lookups the answer needs
-    statements: _int(*BOUNDS["letters"]) = 12  # binding statements per problem (prompt: 2 * statements + 2 tokens)
-    variables: _int(*BOUNDS["letters"]) = 16  # variable names drawn from the first `variables` letters
+    statements: Letters = 12  # binding statements per problem (prompt: 2 * statements + 2 tokens)
+    variables: Letters = 16  # variable names drawn from the first `variables` letters
     difficulty: _list(Int64) = field(default_factory=lambda: [1, 4])  # training [lo, hi]
     test_difficulty: _list(Int64) = field(default_factory=lambda: [1, 4])  # test set [lo, hi]
-    chains: _int(*BOUNDS["chains"]) = 3  # chains per problem (the query's + distractors), rooted at distinct digits
+    chains: Chains = 3  # chains per problem (the query's + distractors), rooted at distinct digits
     order: Literal["program", "shuffled"] = "program"  # bound before referenced, or any order
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
     path: Optional[Str] = None  # one dataset directory (manifest.json + shards)
@@ -433,7 +438,7 @@ class ParallelConfig:
 
 @_section
 class RunConfig:
-    seed: _int(*BOUNDS["seed"]) = 0
+    seed: Seed = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
     stars: StarsConfig = field(default_factory=StarsConfig)
@@ -465,7 +470,6 @@ def _short(value: Any) -> str:
     alias bomb, a recursive list) before cutting it."""
     r = _REPR.repr(value)
     return r if len(r) <= 60 else r[:57] + "..."
-
 
 
 # pydantic's error types, as what the value should have been
