@@ -258,6 +258,10 @@ class StarsConfig:
     # Under bf16/fp16 autocast: fp32 runs the estimator's core evaluations in fp32 (accurate);
     # autocast keeps the step's dtype (cheaper; fd loses most digits, see stars/jacobian.py).
     probe_precision: Literal["fp32", "autocast"] = "fp32"
+    # stability options (stars/objective.py): P taken this many no-grad iterations past the
+    # sampled depth; the progressive loss's weight alpha (Bansal et al. 2022; 0: off)
+    probe_beyond: int = 0
+    progressive: float = 0.0
 
     def validate(self, at: str = "stars") -> None:
         _range(self, at, 0.0, _MAX_FLOAT, "lam")
@@ -266,6 +270,8 @@ class StarsConfig:
         _range(self, at, 0, _MAX_INT, "warmup_steps", "estimate_every")
         _range(self, at, 0.0, 1.0, "sample_fraction", lo_open=True)
         _range(self, at, 0.0, 1.0, "fd_eps", lo_open=True)
+        _range(self, at, 0, _MAX_DEPTH, "probe_beyond")
+        _range(self, at, 0.0, 1.0, "progressive")
 
 
 @dataclass
