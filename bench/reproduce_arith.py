@@ -41,7 +41,7 @@ def main() -> None:
             print(f"{name}: reusing {out}", file=sys.stderr)
             wall = json.loads((out / "wall_time.json").read_text())["seconds"] if (out / "wall_time.json").is_file() else None
         else:
-            cmd = [sys.executable, "-m", "stars_scale.train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
+            cmd = [sys.executable, "-m", "stars_scale.cli.train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
                    "--out", str(out)] + [x for o in args.overrides for x in ("--set", o)]
             t0 = time.time()
             subprocess.run(cmd, check=True)

@@ -1,20 +1,24 @@
 """Train the three collapse configs over several seeds: fixed-depth training's depth collapse, and
 what log-normal depth and STARS do about it.
 
-    python bench/reproduce_collapse.py [--seeds 0,1,2] [--jobs 2] [--out runs/collapse] [--docs docs] [--set key=value ...]
+    python bench/reproduce_collapse.py [--family collapse] [--extra NAME,...] [--seeds 0,1,2] [--jobs 2]
+                                       [--out runs/<family>] [--docs docs] [--set key=value ...]
 
-Trains configs/collapse_fixed.yaml (fixed depth, no penalty), collapse_lognormal.yaml (log-normal
-depth, no penalty) and collapse_stars.yaml (log-normal depth + STARS penalty), identical
-otherwise, once per seed (--jobs at a time, each on one torch thread unless OMP_NUM_THREADS says
+Trains configs/<family>_fixed.yaml (fixed depth, no penalty), <family>_lognormal.yaml (log-normal
+depth, no penalty) and <family>_stars.yaml (log-normal depth + STARS penalty), identical
+otherwise, and each --extra config (configs/NAME.yaml: a stability option, checked like STARS),
+once per seed (--jobs at a time, each on one torch thread unless OMP_NUM_THREADS says
 otherwise; a finished run of the same resolved config is reused, one of another refused),
 then writes into --docs:
-- collapse_depth_scaling.png: exact match, ||dh|| and rho against test-time depth, the three
+- <family>_depth_scaling.png: exact match, ||dh|| and rho against test-time depth, the three
   configs as mean lines with min-max bands over the seeds (`stars_scale.eval.compare`);
-- collapse_results.json: per config and seed the sweep, the wall and CPU time of the run, the
+- <family>_results.json: per config and seed the sweep, the wall and CPU time of the run, the
   machine load, and the issue's targets checked per seed and on the seed mean:
   fixed: exact match at 4x its training depth <= 50% of its own peak;
-  STARS: exact match at every swept depth from its training mean to 8x it >= 95% of its own
-  peak, and its peak >= the fixed baseline's peak - 2 points.
+  STARS (and each extra): exact match at every swept depth from its training mean to 8x it >= 95%
+  of its own peak, and its peak >= the fixed baseline's peak - 2 points.
+Families: `collapse` (log-normal(1.2, 0.5) <= 16, mean 3.8; fixed 4) and `collapse_paper` (the STARS
+paper's clip(round(LogNormal(2, 0.7)), 1, 100), mean 9.4; fixed 9).
 A markdown table of the per-seed figures goes to stdout.
 """
 from __future__ import annotations
@@ -28,8 +32,19 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = {"fixed depth, no penalty": "collapse_fixed", "log-normal depth, no penalty": "collapse_lognormal",
-        "STARS (log-normal depth + penalty)": "collapse_stars"}
+BASE = {"fixed depth, no penalty": "fixed", "log-normal depth, no penalty": "lognormal",
+        "STARS (log-normal depth + penalty)": "stars"}
+
+
+def run_names(family: str, extra: list[str]) -> dict[str, str]:
+    """label -> config name: the family's three configs, then the extras (labelled by their name)."""
+    runs = {label: f"{family}_{suffix}" for label, suffix in BASE.items()}
+    runs.update({name: name for name in extra})
+    for name in runs.values():
+        if not (ROOT / "configs" / f"{name}.yaml").is_file():
+            print(f"configs/{name}.yaml: no such config (--family/--extra name configs/<name>.yaml)", file=sys.stderr)
+            sys.exit(2)
+    return runs
 
 
 def train(name: str, seed: int, out: Path, overrides: list[str], quiet: bool = False, threads: int | None = None,
@@ -39,7 +54,7 @@ def train(name: str, seed: int, out: Path, overrides: list[str], quiet: bool = F
     rdir = rdir or out / name / f"seed{seed}"
     timing = rdir / "timing.json"
     if not (rdir / "depth_scaling.json").is_file():
-        cmd = [sys.executable, "-m", "stars_scale.train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
+        cmd = [sys.executable, "-m", "stars_scale.cli.train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
                "--out", str(rdir), "--set", f"seed={seed}"] + [x for o in overrides for x in ("--set", o)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads or os.environ.get("OMP_NUM_THREADS", "1"))}
         load0, t0 = os.getloadavg()[0], time.time()
@@ -87,11 +102,11 @@ def write_results(runs: dict[str, list[dict]], labels: dict[str, str], docs: Pat
     atomic_write_json(docs / f"{stem}_results.json", table)
 
 
-def train_all(seeds: list[int], out: Path, overrides: list[str], jobs: int) -> dict[str, list[dict]]:
+def train_all(names: list[str], seeds: list[int], out: Path, overrides: list[str], jobs: int) -> dict[str, list[dict]]:
     """Every config x seed, `jobs` trainings at a time (the longest-running config first)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    work = [(name, s) for name in reversed(list(RUNS.values())) for s in seeds]
+    work = [(name, s) for name in reversed(names) for s in seeds]
     refuse_other_runs(work, out, overrides)
     if jobs <= 1:
         done = {w: train(*w, out, overrides) for w in work}
@@ -99,7 +114,7 @@ def train_all(seeds: list[int], out: Path, overrides: list[str], jobs: int) -> d
         with ThreadPoolExecutor(jobs) as pool:
             futs = {w: pool.submit(train, *w, out, overrides, True) for w in work}
             done = {w: f.result() for w, f in futs.items()}
-    return {name: [done[(name, s)] for s in seeds] for name in RUNS.values()}
+    return {name: [done[(name, s)] for s in seeds] for name in names}
 
 
 def training_depth(name: str) -> int:
@@ -129,17 +144,22 @@ def mean_sweep(runs: list[dict]) -> dict:
             "accuracy": [sum(r["accuracy"][i] for r in runs) / len(runs) for i in range(len(runs[0]["depths"]))]}
 
 
-def targets(stats: dict) -> dict:
-    fixed, stars = stats["collapse_fixed"], stats["collapse_stars"]
-    return {"fixed_collapses (at 4x <= 50% of peak)": fixed["retained_4x"] is not None and fixed["retained_4x"] <= 0.5,
-            "stars_holds (>= 95% of peak from mean to 8x)": (stars["retained_1x_8x"] or 0.0) >= 0.95,
-            "stars_peak_ok (>= fixed peak - 2 points)": stars["peak"] >= fixed["peak"] - 0.02}
+def targets(stats: dict, fixed: str, held: list[str]) -> dict:
+    """The fixed config collapses; each of `held` (STARS and the extras) holds with the fixed peak."""
+    out = {"fixed_collapses (at 4x <= 50% of peak)":
+           stats[fixed]["retained_4x"] is not None and stats[fixed]["retained_4x"] <= 0.5}
+    for name in held:
+        out[f"{name}_holds (>= 95% of peak from mean to 8x)"] = (stats[name]["retained_1x_8x"] or 0.0) >= 0.95
+        out[f"{name}_peak_ok (>= fixed peak - 2 points)"] = stats[name]["peak"] >= stats[fixed]["peak"] - 0.02
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="collapse", help="configs/<family>_{fixed,lognormal,stars}.yaml")
+    ap.add_argument("--extra", default="", help="more configs to compare, comma-separated names in configs/")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--out", default="runs/collapse")
+    ap.add_argument("--out", default=None, help="default runs/<family>")
     ap.add_argument("--docs", default=str(ROOT / "docs"))
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--jobs", type=int, default=1, help="trainings at a time (one torch thread each)")
@@ -147,30 +167,34 @@ def main() -> None:
     from stars_scale.errors import UserError
 
     seeds = [int(s) for s in args.seeds.split(",")]
+    labels = run_names(args.family, [x for x in args.extra.split(",") if x])
+    fixed, held = f"{args.family}_fixed", [n for n in labels.values() if n not in (f"{args.family}_fixed",
+                                                                                  f"{args.family}_lognormal")]
     try:
-        runs = train_all(seeds, Path(args.out), args.overrides, args.jobs)
+        runs = train_all(list(labels.values()), seeds, Path(args.out or f"runs/{args.family}"), args.overrides,
+                         args.jobs)
     except UserError as e:  # a bad --set or config: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    depth = {name: training_depth(name) for name in RUNS.values()}
+    depth = {name: training_depth(name) for name in labels.values()}
     per_seed = {name: [check(r, depth[name]) for r in rs] for name, rs in runs.items()}
     on_mean = {name: check(mean_sweep(rs), depth[name]) for name, rs in runs.items()}
     table = {
         "seeds": seeds, "overrides": args.overrides,
-        "targets_on_seed_mean": targets(on_mean),
-        "targets_per_seed": [targets({n: per_seed[n][i] for n in runs}) for i in range(len(seeds))],
+        "targets_on_seed_mean": targets(on_mean, fixed, held),
+        "targets_per_seed": [targets({n: per_seed[n][i] for n in runs}, fixed, held) for i in range(len(seeds))],
         "configs": {name: {"label": label, "config": f"configs/{name}.yaml", "on_seed_mean": on_mean[name],
                            "seeds": [{"seed": s, **c, **{k: r[k] for k in ("depths", "accuracy", "rho", "delta_h",
                                                                         "timing", "run_dir")}}
                                      for s, c, r in zip(seeds, per_seed[name], runs[name])]}
-                    for label, name in RUNS.items()},
+                    for label, name in labels.items()},
     }
-    write_results(runs, RUNS, Path(args.docs), "collapse", table,
-                  f"depth collapse: 2-digit addition, seeds {args.seeds} (mean, min-max band)")
-    depths = runs["collapse_fixed"][0]["depths"]
+    write_results(runs, labels, Path(args.docs), args.family, table,
+                  f"depth collapse ({args.family}): 2-digit addition, seeds {args.seeds} (mean, min-max band)")
+    depths = runs[fixed][0]["depths"]
     print("| config | seed | " + " | ".join(f"r={d}" for d in depths) + " | peak | kept at 4x | worst kept, 1x-8x |")
     print("|---|---|" + "---|" * (len(depths) + 3))
-    for label, name in RUNS.items():
+    for label, name in labels.items():
         for s, c, r in zip(seeds, per_seed[name], runs[name]):
             print(f"| {label} | {s} | " + " | ".join(f"{100 * a:.1f}" for a in r["accuracy"]) +
                   f" | {100 * c['peak']:.1f} @ {c['peak_depth']} | {_ratio(c['retained_4x'])} | "

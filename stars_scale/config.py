@@ -295,6 +295,10 @@ class StarsConfig:
     # Under bf16/fp16 autocast: fp32 runs the estimator's core evaluations in fp32 (accurate);
     # autocast keeps the step's dtype (cheaper; fd loses most digits, see stars/jacobian.py).
     probe_precision: Literal["fp32", "autocast"] = "fp32"
+    # stability options (stars/objective.py): P taken this many no-grad iterations past the
+    # sampled depth; the progressive loss's weight alpha (Bansal et al. 2022; 0: off)
+    probe_beyond: _int(0, _MAX_DEPTH) = 0
+    progressive: _float(0.0, 1.0) = 0.0
 
     @model_validator(mode="after")
     def _rules(self) -> "StarsConfig":

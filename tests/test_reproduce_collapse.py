@@ -16,8 +16,8 @@ TINY = ["model.hidden=16", "model.mlp_hidden=32", "train.steps=3", "train.eval_e
         "tracking.mlflow=false"]
 
 
-def _run(tmp: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "bench" / "reproduce_collapse.py"), "--seeds", "0", "--jobs", "2",
+def _run(tmp: Path, extra: list[str], args: tuple = ("--seeds", "0")) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "bench" / "reproduce_collapse.py"), *args, "--jobs", "2",
            "--out", str(tmp / "runs"), "--docs", str(tmp / "docs")]
     cmd += [x for o in TINY + extra for x in ("--set", o)]
     return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=600)
@@ -49,3 +49,26 @@ def test_reproduce_collapse_trains_tabulates_reuses_and_refuses_mixed_settings(t
     assert mixed.returncode == 2
     assert mixed.stderr.strip().endswith("pass another --out (or remove that run)")
     assert "holds a run of another config" in mixed.stderr and "Traceback" not in mixed.stderr
+
+
+def test_reproduce_collapse_family_and_extra_configs(tmp_path):
+    """--family picks the paper-regime configs (training depth 9) and --extra adds a stability
+    option's config, checked by the same targets as STARS; an unknown --extra is one line, exit 2."""
+    fam = ["--family", "collapse_paper", "--extra", "collapse_paper_progressive"]
+    p = _run(tmp_path, [], fam + ["--seeds", "0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    table = json.loads((tmp_path / "docs" / "collapse_paper_results.json").read_text())
+    assert set(table["configs"]) == {"collapse_paper_fixed", "collapse_paper_lognormal", "collapse_paper_stars",
+                                     "collapse_paper_progressive"}
+    assert all(c["seeds"][0]["train_depth"] == 9 for c in table["configs"].values())
+    keys = set(table["targets_on_seed_mean"])
+    assert {"collapse_paper_stars_holds (>= 95% of peak from mean to 8x)",
+            "collapse_paper_progressive_holds (>= 95% of peak from mean to 8x)",
+            "collapse_paper_progressive_peak_ok (>= fixed peak - 2 points)"} <= keys
+    saved = (tmp_path / "runs" / "collapse_paper_progressive" / "seed0" / "config.yaml").read_text()
+    assert "progressive: 0.5" in saved
+    assert "| collapse_paper_progressive | 0 |" in p.stdout
+
+    bad = _run(tmp_path, [], ["--family", "collapse_paper", "--extra", "no_such_config"])
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "configs/no_such_config.yaml: no such config (--family/--extra name configs/<name>.yaml)")

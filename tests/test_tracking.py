@@ -74,3 +74,40 @@ def test_training_run_survives_a_server_outage(tmp_path, mlflow_server):
     assert sorted(history) == [r["step"] for r in rows] == list(range(1, 3001))
     assert all(abs(history[r["step"]] - r["loss"]) < 1e-6 for r in rows)
     assert any(k.startswith("system/") for k in run.data.metrics)  # per-node system metrics
+
+
+_START_TOGETHER = """
+import os, sys, time
+from pathlib import Path
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+from stars_scale.tracking import MlflowTracker
+t = MlflowTracker(sys.argv[1], "race", run_name="r" + sys.argv[3])
+t.log_metrics({"x": 1.0}, step=0)
+t.close()
+"""
+
+
+def test_runs_starting_together_on_a_fresh_sqlite_store_are_all_tracked(tmp_path):
+    """Several runs that open the same new sqlite store at once (a bench's --jobs 2, Slurm array
+    tasks): MLflow's schema migration and the experiment's creation race unless serialised; every
+    run must be tracked (measured before the lock: 'Online migration expected to match one row')."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    go = tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _START_TOGETHER, uri, str(go), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    time.sleep(3.0)  # every process imported and waits
+    go.touch()
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["r0", "r1", "r2", "r3"]

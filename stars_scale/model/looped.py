@@ -5,7 +5,9 @@
     s_t = core(inject(s_{t-1}, e))   for t = 1..r       # r = n_free + n_grad, shared weights
     y   = head(final_norm(coda(s_r)))
 
-The first `n_free` iterations run without gradient (truncated BPTT), the last `n_grad` with it.
+The first `n_free` iterations run without gradient (truncated BPTT), the last `n_grad` with it;
+`grad_scale=(n, f)` multiplies the gradient reaching the state after iteration n by f (the
+progressive loss of Bansal et al. 2022 in one pass: see `stars.objective`).
 Depth is always an explicit argument of `forward`; the model holds no depth state.
 Activation checkpointing (`model.checkpointing = "loop" | "block"`) recomputes every
 gradient-carrying iteration (or block) in backward so activation memory does not grow with r.
@@ -34,6 +36,19 @@ class LoopOutput:
     state: torch.Tensor  # s_r, the end state the coda reads (carries graph for the grad iterations)
     embedded: torch.Tensor  # e, the prelude output every iteration is conditioned on
     states: Optional[list[torch.Tensor]] = None  # [s_0, ..., s_r] detached, when asked for
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward (bit for bit); the gradient times `factor` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g * ctx.factor, None
 
 
 class LoopedLM(nn.Module):
@@ -161,10 +176,17 @@ class LoopedLM(nn.Module):
         return self.lm_head(x)
 
     def recur(self, s: torch.Tensor, e: torch.Tensor, n_free: int, n_grad: int,
-              states: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Run n_free iterations without gradient, then n_grad with it."""
+              states: list[torch.Tensor] | None = None,
+              grad_scale: tuple[int, float] | None = None) -> torch.Tensor:
+        """Run n_free iterations without gradient, then n_grad with it. `grad_scale=(n, f)`: the
+        gradient into the state after iteration n (0: s_0) is multiplied by f, so iterations 1..n
+        (and what feeds s_0) learn at f times the rate of the later ones; the values are unchanged."""
         if n_free < 0 or n_grad < 0:
             raise ValueError(f"depth must be non-negative, got n_free={n_free}, n_grad={n_grad}")
+        at, factor = grad_scale if grad_scale is not None else (-1, 1.0)
+        if n_free <= at < n_free + n_grad and factor != 1.0:  # only where a gradient flows on
+            s = self.recur(s, e, n_free, at - n_free, states)
+            return self.recur(_ScaleGrad.apply(s, factor), e, 0, n_free + n_grad - at, states)
         if n_free:
             with torch.no_grad():
                 for _ in range(n_free):
@@ -187,11 +209,12 @@ class LoopedLM(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, input_ids: torch.Tensor, n_free: int = 0, n_grad: int = 1,
-                return_states: bool = False, generator: torch.Generator | None = None) -> LoopOutput:
+                return_states: bool = False, generator: torch.Generator | None = None,
+                grad_scale: tuple[int, float] | None = None) -> LoopOutput:
         e = self.encode(input_ids)
         s = self.init_state(e, generator)
         states = [s.detach()] if return_states else None
-        s = self.recur(s, e, n_free, n_grad, states)
+        s = self.recur(s, e, n_free, n_grad, states, grad_scale)
         return LoopOutput(logits=self.decode(s), state=s, embedded=e, states=states)
 
     # ------------------------------------------------------------------ accounting

@@ -57,6 +57,10 @@ def layout_problems(cfg: RunConfig, world: int, *, tp: int | None = None, pp: in
         out.append(f"stars.method={s.method} needs double backward (or forward-mode AD) through the core map, "
                    f"which tensor- and pipeline-parallel layers do not support: use stars.method: fd with "
                    f"parallel.tp={tp}, parallel.pp={pp}")
+    for name in ("probe_beyond", "progressive"):
+        if getattr(s, name) and (tp > 1 or pp > 1):
+            out.append(f"stars.{name}={getattr(s, name)} runs in one process's loop only: "
+                       f"set it to 0 or use parallel.tp=1, parallel.pp=1 (got tp={tp}, pp={pp})")
     if cfg.train.dtype == "bf16" and p.zero and world > 1 and not cuda:
         out.append("train.dtype=bf16 with parallel.zero > 0 needs CUDA (DeepSpeed's CPU path here is fp32)")
     return out

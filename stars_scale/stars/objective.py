@@ -10,6 +10,15 @@ CE is the token cross entropy at the sampled depth (`ce`, the model's kernels un
 supplies its vocab-parallel form); P = ‖A v‖² is the STARS penalty at the end state
 (`stars.regularizer`), in the loss from `stars.warmup_steps` on while λ > 0 (`Objective.on`);
 ρ̂ is also estimated every `stars.estimate_every` steps while P is off (`Objective.wanted`).
+
+Two stability options (one process; `parallel.layout` refuses them under tensor/pipeline parallelism):
+- `stars.probe_beyond: k` takes P (and ρ̂) at the state k no-grad iterations past the sampled
+  depth r instead of at s_r: constraints at the sampled end states need not carry to deeper ones.
+- `stars.progressive: α` is the progressive loss of Bansal et al. 2022,
+  (1 − α)·CE(s_r) + α·CE(s_r reached from a no-grad start at n ~ U{0..r−1}), in one pass: the two
+  terms have the same forward values, and the sum of their gradients is CE's gradient with the
+  part reaching the state s_n (iterations 1..n and below) multiplied by 1 − α (`model.recur`'s
+  `grad_scale`). The loop cannot learn to count its iterations from where it started.
 Every option of the estimate (method, precision, kernels, normalisation, ε) reaches it through
 `Objective`: one process evaluates the map with `estimate`, a pipeline stage evaluates its part of
 the map under `evaluation` and the last stage runs the iteration from `fd_iteration`.
@@ -63,6 +72,12 @@ def estimator_generator(seed: int, step: int, micro: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63 - 1))
 
 
+def progressive_start(seed: int, step: int, micro: int, total: int) -> int:
+    """n ~ U{0, ..., total−1}, the progressive loss's no-grad start: a function of (seed, step, micro)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro + 0x9A0) % (2**63 - 1))
+    return int(torch.randint(0, max(total, 1), (1,), generator=g))
+
+
 def init_state_generator(seed: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random initial state (init_state: random) of microbatch `micro`: the same on every layout."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 1009 + micro + 0x5EED) % (2**63 - 1))
@@ -81,9 +96,12 @@ class Objective:
 
     def estimate(self, model, state: torch.Tensor, embedded: torch.Tensor,
                  generator: torch.Generator) -> SpectralEstimate | None:
-        """One process: the estimate at the end state, the whole core map evaluated here."""
+        """One process: the estimate at the end state (`stars.probe_beyond` no-grad iterations past
+        it), the whole core map evaluated here."""
         if not self.wanted:
             return None
+        if self.stars.probe_beyond:
+            state = model.recur(state.detach(), embedded.detach(), self.stars.probe_beyond, 0)
         return core_map_penalty(model, state, embedded, self.stars, create_graph=self.on, generator=generator)
 
     def fd_iteration(self, h: torch.Tensor, generator: torch.Generator) -> FiniteDifference:
@@ -117,8 +135,11 @@ def forward_backward(model, batch: dict[str, torch.Tensor], depth: Depth, stars:
     ids = batch["input_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     init_gen = init_state_generator(seed, step, micro, device) if model.cfg.init_state == "random" else None
+    scale = None
+    if stars.progressive > 0:
+        scale = (progressive_start(seed, step, micro, depth.total), 1.0 - stars.progressive)
     with autocast_context(dtype, device):
-        out = model(ids, n_free=depth.n_free, n_grad=depth.n_grad, generator=init_gen)
+        out = model(ids, n_free=depth.n_free, n_grad=depth.n_grad, generator=init_gen, grad_scale=scale)
         ce = objective.ce(out.logits, labels)
         est = objective.estimate(model, out.state, out.embedded, estimator_generator(seed, step, micro))
         loss = objective.loss(ce, est)

@@ -11,6 +11,7 @@ in `$PWD/mlruns`); `MLFLOW_TRACKING_URI` or `tracking.tracking_uri` overrides it
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -90,6 +91,27 @@ def _bounded(fn, timeout: float | None, what: str):
     return box["value"]
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """For a local sqlite store: hold an exclusive lock on its directory while a run opens it, so
+    runs that start together on a new store do not race MLflow's schema migration or the
+    experiment's creation (measured without it: 'Online migration expected to match one row')."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    folder = Path(uri[len("sqlite:///"):]).parent
+    fd = os.open(folder, os.O_RDONLY) if folder.is_dir() else None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 class MlflowTracker:
     """Async, buffered MLflow logging for one run (create it on the metrics rank only).
 
@@ -111,9 +133,10 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id = _bounded(lambda: self._open(experiment, run_name, run_id, tags, parent_run_id, mark_running),
-                               connect_timeout if remote else None, f"MLflow at {tracking_uri}")
+        with _store_lock(tracking_uri):
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.run_id = _bounded(lambda: self._open(experiment, run_name, run_id, tags, parent_run_id, mark_running),
+                                   connect_timeout if remote else None, f"MLflow at {tracking_uri}")
         self._mlflow = mlflow
         self._queue: queue.Queue = queue.Queue()
         self._pending: deque = deque()
