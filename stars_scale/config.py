@@ -299,6 +299,10 @@ class StarsConfig:
     # sampled depth; the progressive loss's weight alpha (Bansal et al. 2022; 0: off)
     probe_beyond: _int(0, _MAX_DEPTH) = 0
     progressive: _float(0.0, 1.0) = 0.0
+    # the penalty waits, past warmup_steps, until the mean training CE of the last 50 steps is
+    # <= this (None: from warmup_steps on): a penalty that meets a model still on its first loss
+    # plateau contracts the map before the loop has learned anything (train/trainer.py)
+    warmup_ce: Optional[_float(0.0, _MAX_FLOAT, lo_open=True)] = None
 
     @model_validator(mode="after")
     def _rules(self) -> "StarsConfig":

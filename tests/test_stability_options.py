@@ -14,6 +14,9 @@ gradient's scale; the two terms of the mix differ by far more (asserted), so the
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -179,3 +182,72 @@ def test_stars_train_runs_both_options_end_to_end(tmp_path):
         assert r["loss"] == pytest.approx(0.9 * r["ce"] + 0.1 * r["penalty"], rel=1e-5)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["stars"]["probe_beyond"] == 3 and saved["stars"]["progressive"] == 0.5
+
+
+def test_penalty_gate_opens_once_the_mean_ce_of_the_window_is_low_enough():
+    from stars_scale.stars.objective import PenaltyGate
+
+    w = PenaltyGate.WINDOW
+    stars = StarsConfig(lam=0.1, warmup_steps=w + 5, warmup_ce=0.52)
+    gate = PenaltyGate(stars)
+    assert gate.config().warmup_steps == PenaltyGate.NEVER
+    ces = [0.9] * w + [0.1] * (2 * w)
+    opened = [step for step, ce in enumerate(ces, start=1) if gate.update(step, ce)]
+    # by hand: after k low steps the window's mean is (0.9 (50 - k) + 0.1 k) / 50 = 0.9 - 0.016 k,
+    # first <= 0.52 at k = 24 (0.516; k = 23 gives 0.532), i.e. after step 50 + 24
+    want = w + 24
+    assert opened == [want] and gate.config().warmup_steps == want
+    assert not gate.update(want + 1, 5.0) and gate.opened_at == want  # once on, it stays on
+    again = PenaltyGate(stars)
+    again.load_state_dict(json.loads(json.dumps(gate.state_dict())))
+    assert again.opened_at == want and again.config() == gate.config()
+    # past warmup_steps only; non-finite CE values are not counted
+    early = PenaltyGate(dataclasses.replace(stars, warmup_ce=10.0))
+    assert [s for s in range(1, w + 10) if early.update(s, float("nan") if s == 3 else 0.1)] == [w + 5]
+    plain = StarsConfig(lam=0.1, warmup_steps=7)
+    assert PenaltyGate(plain).config() is plain and not PenaltyGate(plain).update(100, 0.0)
+
+
+def _train(tmp_path, name: str, stars: dict, steps: int, *extra: str):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = {"seed": 0, "model": {"vocab_size": 15, "hidden": 16, "heads": 2, "max_seq_len": 16, "mlp_hidden": 32},
+           "depth": {"dist": "fixed", "value": 2}, "stars": {"lam": 0.1, "estimate_every": 1, **stars},
+           "data": {"digits": 2, "batch_size": 8, "test_size": 16},
+           "train": {"steps": steps, "eval_every": 0, "ckpt_every": 0, "checkpointing": "none", "progress": False},
+           "eval": {"depths": [1, 2], "samples": 16, "rho_iters": 2}, "tracking": {"mlflow": False}}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    res = subprocess.run([sys.executable, "-m", "stars_scale.cli.train", "--config", f"{name}.yaml", "--out", name,
+                          *extra], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], res.stderr
+
+
+def _in_loss(r: dict) -> bool:
+    return r["loss"] != pytest.approx(r["ce"], rel=1e-9)
+
+
+def test_warmup_ce_holds_the_penalty_until_the_window_and_survives_a_resume(tmp_path):
+    """A threshold every CE passes: the penalty enters right after the first full window (step 51),
+    not at warmup_steps (2); one no CE passes keeps it out. Stopped at step 30 and resumed, the run
+    matches the uninterrupted one step for step (the gate's window is in the checkpoint)."""
+    from stars_scale.stars.objective import PenaltyGate
+
+    w = PenaltyGate.WINDOW
+    rows, err = _train(tmp_path, "open", {"warmup_steps": 2, "warmup_ce": 1e9}, w + 6)
+    assert [r["step"] for r in rows if _in_loss(r)] == list(range(w + 1, w + 7))
+    assert f"step {w}: the STARS penalty enters the loss" in err
+    never, _ = _train(tmp_path, "never", {"warmup_steps": 2, "warmup_ce": 1e-9}, w + 6)
+    assert not any(_in_loss(r) for r in never) and all(r["penalty"] > 0 for r in never)
+
+    _train(tmp_path, "cut", {"warmup_steps": 2, "warmup_ce": 1e9}, w + 6, "--stop-after-steps", "30")
+    resumed, _ = _train(tmp_path, "cut", {"warmup_steps": 2, "warmup_ce": 1e9}, w + 6, "--resume")
+    assert [r["step"] for r in resumed][-w - 6:] == [r["step"] for r in rows]
+    for a, b in zip(resumed[-w - 6:], rows):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), a["step"]

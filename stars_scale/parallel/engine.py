@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from stars_scale.config import RunConfig
+from stars_scale.config import RunConfig, StarsConfig
 from stars_scale.errors import UserError
 from stars_scale import checkpoint as ckpt
 from stars_scale.checkpoint import dcp
@@ -170,13 +170,17 @@ class Engine:
         """The token CE of this layout: vocab-parallel over the tp group, the model's kernels."""
         return vocab_parallel_ce(logits, labels, self.ps.tp, self.model.cfg.kernels, self.ps.tp_group)
 
-    def forward_backward(self, batches: list[dict], micro_ids: list[int], depth: Depth, step: int) -> list[MicroResult]:
+    def forward_backward(self, batches: list[dict], micro_ids: list[int], depth: Depth, step: int,
+                         stars: StarsConfig | None = None) -> list[MicroResult]:
+        """`stars`: the objective's options this step (default: the config's; the Trainer passes
+        the warm-up it resolved from `stars.warmup_ce`)."""
         cfg = self.cfg
+        stars = cfg.stars if stars is None else stars
         common = dict(step=step, seed=cfg.seed, loss_scale=1.0 / len(batches), dtype=cfg.train.dtype, ce_fn=self.ce)
         if self.pipeline is not None:
             self.pipeline.measure = self.measure
             # zero 0: the passes' gradients go straight into .grad; DeepSpeed: one backward per step
-            out = self.pipeline.forward_backward(batches, depth, cfg.stars, micro_ids=micro_ids,
+            out = self.pipeline.forward_backward(batches, depth, stars, micro_ids=micro_ids,
                                                  backward=self.opt.backward if self.zero else None, **common)
             self.peak_saved_bytes = self.pipeline.stats.peak_saved_bytes
             return out
@@ -184,7 +188,7 @@ class Engine:
         meter = HeldBytes(self.model) if self.measure else None
         for mb, mi in zip(batches, micro_ids):  # one microbatch in flight: its backward frees it
             with meter.recording(mi) if meter is not None else contextlib.nullcontext():
-                out.append(forward_backward(self.model, mb, depth, cfg.stars, micro=mi, backward=self.opt.backward,
+                out.append(forward_backward(self.model, mb, depth, stars, micro=mi, backward=self.opt.backward,
                                             **common))
             if meter is not None:
                 meter.update_peak()

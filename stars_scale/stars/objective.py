@@ -29,7 +29,10 @@ are functions of (seed, step, micro), the same on every rank and every layout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,6 +84,48 @@ def progressive_start(seed: int, step: int, micro: int, total: int) -> int:
 def init_state_generator(seed: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random initial state (init_state: random) of microbatch `micro`: the same on every layout."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 1009 + micro + 0x5EED) % (2**63 - 1))
+
+
+class PenaltyGate:
+    """`stars.warmup_ce`: the step from which the penalty is in the loss, resolved from training.
+
+    Past `stars.warmup_steps` the penalty waits until the mean training CE (all ranks' mean, the
+    same number everywhere) of the last `WINDOW` steps is <= `warmup_ce`, and then stays on. Measured
+    on configs/collapse_paper_stars.yaml: seeds whose loss is still on its first plateau when a
+    fixed warm-up ends are held there by the penalty (ρ̂ driven to ~0.1 while the answers are
+    guesses), where the same seed without the penalty leaves the plateau later. `config()` is the
+    `stars` section the step's objective runs with: the resolved step as `warmup_steps`."""
+
+    WINDOW = 50
+    NEVER = 2**62  # warmup_steps while the gate is closed (ρ̂ is still estimated every estimate_every)
+
+    def __init__(self, stars: StarsConfig):
+        self.stars = stars
+        self.opened_at: int | None = None
+        self.recent: deque[float] = deque(maxlen=self.WINDOW)
+
+    def config(self) -> StarsConfig:
+        if self.stars.warmup_ce is None:
+            return self.stars
+        return dataclasses.replace(self.stars, warmup_steps=self.NEVER if self.opened_at is None else self.opened_at)
+
+    def update(self, next_step: int, ce: float) -> bool:
+        """After a step: its mean CE; True when the penalty enters from `next_step` on."""
+        if self.stars.warmup_ce is None or self.opened_at is not None or not math.isfinite(ce):
+            return False
+        self.recent.append(ce)
+        if (next_step >= self.stars.warmup_steps and len(self.recent) == self.WINDOW
+                and sum(self.recent) / self.WINDOW <= self.stars.warmup_ce):
+            self.opened_at = next_step
+            return True
+        return False
+
+    def state_dict(self) -> dict:
+        return {"opened_at": self.opened_at, "recent": list(self.recent)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opened_at = state.get("opened_at")
+        self.recent = deque((float(x) for x in state.get("recent", [])), maxlen=self.WINDOW)
 
 
 class Objective:

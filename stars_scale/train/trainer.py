@@ -34,6 +34,7 @@ from stars_scale.model.looped import LoopedLM
 from stars_scale.parallel.compile import apply_compile
 from stars_scale.parallel.engine import Engine
 from stars_scale.stars.depth import DepthSampler, median_depth
+from stars_scale.stars.objective import PenaltyGate
 from stars_scale.tracking.mlflow_tracker import MlflowTracker, NodeSystemMetrics, default_tracking_uri
 from stars_scale.tracking.start import start_tracker
 from stars_scale.train.host_malloc import keep_freed_memory
@@ -106,6 +107,7 @@ class Trainer:
         self.tokens_seen = 0
         self.run_id: str | None = None
         self.depth_history: list[int] = []
+        self.gate = PenaltyGate(cfg.stars)  # when the penalty enters the loss (stars.warmup_ce)
         if self.resume_from is not None:
             self._load(self.resume_from)
         self.tracker: MlflowTracker | None = None
@@ -210,6 +212,7 @@ class Trainer:
         self.source.load_state_dict(mine["data"])
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.gate.load_state_dict(state.get("penalty_gate", {}))
         self.run_id = state.get("mlflow_run_id")
         if not keep_metrics:
             self._truncate_metrics(self.step)
@@ -289,6 +292,7 @@ class Trainer:
 
         state = json.loads(json.dumps({  # a copy: the schedule moves on
             "step": step, "tokens_seen": self.tokens_seen, "scheduler": engine.scheduler.state_dict(),
+            "penalty_gate": self.gate.state_dict(),
             "data": self.source.state_dict(), "mlflow_run_id": self.run_id, "layout": engine.layout(),
             "run": self.run_identity(), "time": time.time()}))
         barrier = engine.checkpoint_barrier if copy else engine.barrier
@@ -334,7 +338,7 @@ class Trainer:
             for j, mb in enumerate(split_microbatches(self.source.next_batch(), cfg.parallel.microbatches)):
                 batches.append(mb)
                 micro_ids.append(engine.micro_id(a, j))
-        results = engine.forward_backward(batches, micro_ids, depth, self.step)
+        results = engine.forward_backward(batches, micro_ids, depth, self.step, self.gate.config())
         lr = engine.lr
         grad_norm = engine.optimizer_step()
         if self.device.type == "cuda":
@@ -344,11 +348,18 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.step += 1
         self.tokens_seen += m["tokens"]
+        self._open_gate(m["ce"])
         return {
             "step": self.step, "loss": m["loss"], "ce": m["ce"], "penalty": m["penalty"], "rho": m["rho"],
             "depth": depth.total, "n_grad": depth.n_grad, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": m["tokens"] / dt, "tokens": self.tokens_seen, "step_time": dt,
         }
+
+    def _open_gate(self, ce: float) -> None:
+        """`stars.warmup_ce`: the step's CE decides whether the penalty enters from the next step."""
+        if self.gate.update(self.step, ce) and self.engine.is_writer:
+            print(f"step {self.step}: the STARS penalty enters the loss (mean training CE of the last "
+                  f"{PenaltyGate.WINDOW} steps <= stars.warmup_ce = {self.cfg.stars.warmup_ce:g})", file=sys.stderr)
 
     # ------------------------------------------------------------------ evaluation
 
