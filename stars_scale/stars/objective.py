@@ -70,20 +70,25 @@ def rho_wanted(stars: StarsConfig, step: int) -> bool:
     return penalty_active(stars, step) or (stars.estimate_every > 0 and step % stars.estimate_every == 0)
 
 
+def micro_seed(seed: int, step: int, micro: int, salt: int = 0) -> int:
+    """The seed of one random choice of microbatch `micro` of step `step` (`salt` tells the choices apart)."""
+    return (seed * 1_000_003 + step * 1009 + micro + salt) % (2**63 - 1)
+
+
 def estimator_generator(seed: int, step: int, micro: int) -> torch.Generator:
     """Random directions and row subsets: a function of (seed, step, micro), equal on every rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) % (2**63 - 1))
+    return torch.Generator().manual_seed(micro_seed(seed, step, micro))
 
 
 def progressive_start(seed: int, step: int, micro: int, total: int) -> int:
     """n ~ U{0, ..., total−1}, the progressive loss's no-grad start: a function of (seed, step, micro)."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro + 0x9A0) % (2**63 - 1))
+    g = torch.Generator().manual_seed(micro_seed(seed, step, micro, 0x9A0))
     return int(torch.randint(0, max(total, 1), (1,), generator=g))
 
 
 def init_state_generator(seed: int, step: int, micro: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The random initial state (init_state: random) of microbatch `micro`: the same on every layout."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 1009 + micro + 0x5EED) % (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(micro_seed(seed, step, micro, 0x5EED))
 
 
 class PenaltyGate:
