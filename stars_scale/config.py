@@ -224,6 +224,7 @@ class ModelConfig:
     bias: Bool = True
     dropout: _float(0.0, 1.0, hi_open=True) = 0.0
     init_std: Scale = 0.02
+    embed_init_std: Optional[Scale] = None  # token/position embeddings (None: init_std); torch's default is 1
     qk_norm: Bool = False
     attention: Literal["auto", "sdpa", "math", "flash"] = "auto"
     # Which of q/k/v projections carry a bias. None: all three follow `bias`. qk: Huginn's
