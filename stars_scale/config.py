@@ -85,8 +85,14 @@ def arithmetic_error(digits: int, test_size: int, train_size: int = 0) -> str | 
     return None
 
 
+def chains_room(top: int, chains: int, matched: bool) -> int:
+    """Statements a chains problem of `top` lookups needs: one chain of `top` and `chains - 1`
+    distractor chains of >= 1, or with `matched` all `chains` chains of `top`."""
+    return chains * top if matched else top + chains - 1
+
+
 def chains_error(statements: int, variables: int, difficulty, test_difficulty, chains: int,
-                 train_size: int = 0, for_kind: bool = True) -> str | None:
+                 train_size: int = 0, for_kind: bool = True, matched: bool = False) -> str | None:
     """Why the variable-binding chains task cannot be built with these fields (field: reason), or
     None. The one rule for `data.*` and `ChainsTask`. The ranges hold whatever the task (a typo in a
     field the task does not read is still a typo); with `for_kind` also how the fields fit together."""
@@ -101,9 +107,9 @@ def chains_error(statements: int, variables: int, difficulty, test_difficulty, c
         return (f"data.variables: must be >= data.statements ({statements}): every statement binds its own "
                 f"variable, got {variables}")
     top = max(difficulty[1], test_difficulty[1])
-    if statements < top + chains - 1:
-        return (f"data.statements={statements} leaves no room for {chains - 1} distractor chain(s) next to a chain "
-                f"of {top}: needs >= {top + chains - 1}")
+    if statements < chains_room(top, chains, matched):
+        return (f"data.statements={statements} leaves no room for {chains - 1} distractor chain(s)"
+                f"{' as long as' if matched else ' next to'} a chain of {top}: needs >= {chains_room(top, chains, matched)}")
     if train_size != 0:
         return "data.train_size: the chains task draws fresh problems (use 0)"
     return None
@@ -218,6 +224,7 @@ class ModelConfig:
     bias: Bool = True
     dropout: _float(0.0, 1.0, hi_open=True) = 0.0
     init_std: Scale = 0.02
+    embed_init_std: Optional[Scale] = None  # token/position embeddings (None: init_std); torch's default is 1
     qk_norm: Bool = False
     attention: Literal["auto", "sdpa", "math", "flash"] = "auto"
     # Which of q/k/v projections carry a bias. None: all three follow `bias`. qk: Huginn's
@@ -335,6 +342,12 @@ class DataConfig:
     test_difficulty: _list(Int64) = field(default_factory=lambda: [1, 4])  # test set [lo, hi]
     chains: Chains = 3  # chains per problem (the query's + distractors), rooted at distinct digits
     order: Literal["program", "shuffled"] = "program"  # bound before referenced, or any order
+    dense: Bool = False  # chains: training also labels every statement's resolved digit (not just the answer)
+    # chains: the distractor chains as long as the query's, the spare statements bound straight to the
+    # root digits in turn (no chain-length cue to the answer); needs statements >= chains * difficulty
+    matched: Bool = False
+    names: Literal["random", "slot"] = "random"  # chains: variable names at random, or statement s binds letter s
+    value_first: Bool = False  # chains: statements written `<value><variable>` instead of `<variable><value>`
     # shards (`stars-data prepare` / `stars-data arithmetic` output)
     path: Optional[Str] = None  # one dataset directory (manifest.json + shards)
     mixture: _list(MixtureItem) = field(default_factory=list)  # or several, sampled by weight
@@ -346,7 +359,7 @@ class DataConfig:
     def _rules(self) -> "DataConfig":
         why = (arithmetic_error(self.digits, self.test_size, self.train_size) if self.kind == "arithmetic" else None) \
             or chains_error(self.statements, self.variables, self.difficulty, self.test_difficulty, self.chains,
-                            self.train_size, for_kind=self.kind == "chains")
+                            self.train_size, for_kind=self.kind == "chains", matched=self.matched)
         if why:  # the shared rules name fields from the top (data.x), the section's rules from within it
             raise ValueError(why.removeprefix("data."))
         _rule(self.kind != "shards" or bool(self.path) != bool(self.mixture), "path",

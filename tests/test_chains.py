@@ -51,6 +51,74 @@ def test_every_problem_is_answered_right_and_needs_exactly_its_difficulty_lookup
     assert np.bincount(test_hops)[1:].tolist() == [20] * 10  # an even split over 1..10
 
 
+def test_dense_labels_give_every_statement_its_resolved_digit_and_test_labels_stay_the_answer():
+    task = ChainsTask(statements=10, variables=12, difficulty=(1, 6), test_difficulty=(1, 8), test_size=40,
+                      dense=True)
+    plain = ChainsTask(statements=10, variables=12, difficulty=(1, 6), test_difficulty=(1, 8), test_size=40)
+    batch = task.train_batch(step=5, micro=0, batch_size=200)
+    assert torch.equal(batch["input_ids"], plain.train_batch(step=5, micro=0, batch_size=200)["input_ids"])
+    for row, lab in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        prompt = row[:task.prompt_len]
+        # statement i's value token is labelled with what its variable resolves to (the text solver,
+        # asked about that variable), "?" with the answer, the answer with EOS; nothing else
+        want = {2 * i + 1: brute_force([*prompt[:-2], prompt[2 * i], QUERY])[0] for i in range(10)}
+        want |= {task.prompt_len - 1: row[task.prompt_len], task.prompt_len: EOS}
+        assert {i: x for i, x in enumerate(lab) if x != IGNORE} == want
+    # deeper statements are in the labels (a statement at depth > 1 needs lookups of its own)
+    depths = [brute_force([*r[:20], r[2 * i], QUERY])[1] for r in batch["input_ids"].tolist() for i in range(10)]
+    assert max(depths) >= 6
+    # the test set (exact match, the sweeps) scores the answer only, as without `dense`
+    assert torch.equal(task.test_batch()["labels"], plain.test_batch()["labels"])
+
+
+def test_value_first_and_slot_names_write_the_same_problems_another_way():
+    """`value_first` writes `<value><variable>`; `names: slot` makes statement s bind the s-th letter
+    (a lookup by position). Same problems, answers and difficulties, checked with the text solver."""
+    kw = dict(statements=10, variables=12, difficulty=(1, 8), test_difficulty=(1, 8), test_size=16, dense=True)
+    plain = ChainsTask(**kw)
+    for task in (ChainsTask(**kw, value_first=True), ChainsTask(**kw, names="slot"),
+                 ChainsTask(**kw, names="slot", value_first=True)):
+        a, b = plain.train_batch(2, 0, 100), task.train_batch(2, 0, 100)
+        for pa, pb, la, lb in zip(a["input_ids"].tolist(), b["input_ids"].tolist(), a["labels"].tolist(),
+                                  b["labels"].tolist()):
+            sb = [x for i in range(0, 20, 2) for x in ((pb[i + 1], pb[i]) if task.value_first else (pb[i], pb[i + 1]))]
+            assert brute_force([*sb, pb[20], QUERY]) == brute_force(pa[:22])  # same answer, same lookups
+            assert solve(pb[:22], task.value_first) == solve(pa[:22])
+            assert la == lb  # the same resolved digits, slot by slot
+            if task.names == "slot":
+                assert sb[0::2] == list(range(10, 20))  # statement s binds letter s
+            else:  # the renaming is the only difference
+                assert sb == pa[:20]
+    with pytest.raises(ValueError, match="data.names"):
+        ChainsTask(names="sorted")
+
+
+def test_matched_chains_leave_no_chain_length_cue():
+    """`matched`: all C chains are k long and the spare statements are bound to the C root digits in
+    turn, so the query's chain is not the longest one and no root digit is bound (directly or through
+    a chain) to more than one variable above another."""
+    task = ChainsTask(statements=18, variables=18, chains=3, difficulty=(1, 6), test_difficulty=(1, 6),
+                      test_size=12, matched=True, names="slot", value_first=True, dense=True)
+    for row in task.train_batch(4, 0, 300)["input_ids"].tolist() + task.test_batch()["input_ids"].tolist():
+        prompt = row[:task.prompt_len]
+        env = {b: a for a, b in zip(prompt[0:36:2], prompt[1:36:2])}  # value first: `<value><variable>`
+        answer, k = solve(prompt, value_first=True)
+        depth = {}
+        for v in env:  # lookups to a digit and the digit, per variable
+            u, n = v, 0
+            while u >= 10:
+                u, n = env[u], n + 1
+            depth[v] = (n, u)
+        roots = {u for _, u in depth.values()}
+        assert len(roots) == 3 and answer in roots
+        for r in roots:  # every root has a chain of exactly k, none longer
+            assert max(n for n, u in depth.values() if u == r) == k
+        counts = [sum(u == r for _, u in depth.values()) for r in roots]
+        assert max(counts) - min(counts) <= 1
+    with pytest.raises(ValueError, match="data.statements=12 .* needs >= 15"):
+        ChainsTask(statements=12, variables=16, chains=3, difficulty=(1, 5), test_difficulty=(1, 5), matched=True)
+
+
 def test_difficulty_is_the_chain_length_and_every_chain_ends_in_a_digit():
     task = ChainsTask(statements=10, variables=10, difficulty=(3, 3), test_difficulty=(8, 8), test_size=5)
     for row in task.train_batch(0, 0, 50)["input_ids"].tolist() + task.test_batch()["input_ids"].tolist():
@@ -128,11 +196,16 @@ def test_config_fields_are_validated():
                      "test_difficulty": [2, 6], "test_size": 10}}
     task = build_task(config_from_dict(base))
     assert isinstance(task, ChainsTask) and task.difficulty == (1, 3) and task.test_difficulty == (2, 6)
+    opts = {"dense": True, "value_first": True, "names": "slot", "matched": True, "statements": 18, "variables": 18}
+    task = build_task(config_from_dict({"data": {**base["data"], **opts}}))
+    assert (task.dense, task.value_first, task.names, task.matched) == (True, True, "slot", True)
     for field, value, msg in [("difficulty", [3, 1], "data.difficulty"),
                               ("test_difficulty", [1], "data.test_difficulty"),
                               ("test_difficulty", [1, 7], "data.statements"), ("variables", 5, "data.variables"),
                               ("statements", 27, "data.statements"), ("chains", 1, "data.chains"),
-                              ("chains", 4, "data.statements")]:
+                              ("chains", 4, "data.statements"), ("matched", True, "data.statements=8 .* >= 18"),
+                              ("names", "sorted", "data.names"), ("dense", "yes", "data.dense"),
+                              ("value_first", 1, "data.value_first")]:
         bad = {"data": {**base["data"], field: value}}
         with pytest.raises(ConfigError, match=msg):
             config_from_dict(bad)
@@ -183,6 +256,20 @@ def test_shards_round_trip(tmp_path):
     assert all(1 <= solve(r[:18])[1] <= 3 for r in train)
     res = stars_data("inspect", str(tmp_path / "ch"), "--verify", "--samples", "1", cwd=tmp_path)
     assert res.returncode == 0 and "chains" in res.stdout and "?" in res.stdout
+    # the written-another-way problems round trip too: the shards' val split is the task's test set
+    res = stars_data("chains", "--statements", "9", "--variables", "10", "--difficulty", "1..3", "--value-first",
+                     "--names", "slot", "--matched", "--samples", "50", "--test-size", "12", "--out",
+                     str(tmp_path / "vf"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert Manifest.load(tmp_path / "vf").extra["chains"]["matched"] is True
+    vf = ChainsTask(statements=9, variables=10, difficulty=(1, 3), test_difficulty=(1, 3), test_size=12,
+                    value_first=True, names="slot", matched=True)
+    got = ShardSource(str(tmp_path / "vf"), 12, dp_rank=0, dp_size=1, split="val", seed=0,
+                      shuffle_buffer=1).next_batch()["input_ids"].tolist()
+    assert {tuple(r) for r in got} == {tuple(r) for r in vf.test_batch()["input_ids"][:, :-1].tolist()}
+    res = stars_data("chains", "--statements", "8", "--difficulty", "1..3", "--matched", "--out",
+                     str(tmp_path / "m"), cwd=tmp_path)
+    assert res.returncode == 2 and "--statements=8" in res.stderr and "Traceback" not in res.stderr
     res = stars_data("chains", "--difficulty", "4..2", "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert res.returncode == 2 and "--difficulty" in res.stderr and "Traceback" not in res.stderr
     res = stars_data("chains", "--statements", "3", "--difficulty", "1..4", "--out", str(tmp_path / "y"), cwd=tmp_path)

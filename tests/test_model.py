@@ -150,3 +150,19 @@ def test_loop_checkpointing_keeps_peak_memory_flat_in_depth():
     assert ckpt16 - ckpt4 < 0.2 * (plain16 - plain4)
     # with truncated BPTT on top the peak is flat (8 MB slack for allocator noise)
     assert flat32 <= 1.25 * flat4 + 8
+
+
+def test_embed_init_std_sets_the_embeddings_only():
+    """`embed_init_std` draws the token and position embeddings (and so the tied head) from N(0, s^2);
+    every other weight keeps `init_std`. None keeps init_std everywhere (the default, unchanged)."""
+    torch.manual_seed(0)
+    m = LoopedLM(tiny(hidden=64, vocab_size=300, positions="learned", max_seq_len=256, embed_init_std=1.0,
+                      tie_embeddings=True))
+    # 300 x 64 (and 256 x 64) draws: the sample std is within ~1% of s; 10% is far from both 1.0 and 0.02
+    assert 0.9 < m.embed.weight.std().item() < 1.1 and 0.9 < m.pos_embed.weight.std().item() < 1.1
+    assert m.lm_head.weight is m.embed.weight
+    linears = [p for n, p in m.named_parameters() if p.dim() == 2 and "embed" not in n]
+    assert linears and all(0.015 < p.std().item() < 0.025 for p in linears if p.numel() >= 4096)
+    torch.manual_seed(0)
+    d = LoopedLM(tiny(hidden=64, vocab_size=300, positions="learned", max_seq_len=256))
+    assert 0.018 < d.embed.weight.std().item() < 0.022 and 0.018 < d.pos_embed.weight.std().item() < 0.022

@@ -104,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chains", type=int, default=3, help="chains per problem (distinct root digits)")
     c.add_argument("--order", choices=("program", "shuffled"), default="program",
                    help="program: every variable bound before it is referenced; shuffled: any order")
+    c.add_argument("--value-first", action="store_true", help="statements written <value><variable>")
+    c.add_argument("--names", choices=("random", "slot"), default="random",
+                   help="slot: statement s binds the s-th letter (a lookup is by position)")
+    c.add_argument("--matched", action="store_true",
+                   help="every chain as long as the query's (needs --statements >= chains x difficulty)")
     c.add_argument("--samples", type=int, default=100_000, help="training problems")
     c.add_argument("--test-size", type=int, default=512, help="problems in the val split (the task's test set)")
     c.add_argument("--seed", type=int, default=0)
@@ -188,7 +193,7 @@ def _chains(args) -> int:
     m = write_chains(ChainsOptions(
         out=args.out, statements=args.statements, variables=args.variables, difficulty=args.difficulty,
         test_difficulty=args.test_difficulty or args.difficulty, chains=args.chains, order=args.order,
-        samples=args.samples, test_size=args.test_size, seed=args.seed, shard_size=args.shard_size,
+        value_first=args.value_first, names=args.names, matched=args.matched, samples=args.samples, test_size=args.test_size, seed=args.seed, shard_size=args.shard_size,
         blocks_per_shard=args.blocks_per_shard,
         overwrite=args.overwrite))
     parts = ", ".join(f"{k}: {v.blocks} problems in {len(v.shards)} shard(s)" for k, v in m.splits.items())

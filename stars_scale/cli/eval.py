@@ -174,6 +174,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _difficulty_batch(cfg, text: str, samples: int, threshold: float) -> dict:
     """--difficulty LO..HI: `samples` fresh chains test problems spread evenly over LO..HI."""
+    from stars_scale.config import chains_room
     from stars_scale.data.chains import parse_difficulty
     from stars_scale.data.sources import build_task
     from stars_scale.errors import UserError
@@ -187,7 +188,7 @@ def _difficulty_batch(cfg, text: str, samples: int, threshold: float) -> dict:
         lo, hi = parse_difficulty(text)
     except ValueError as e:
         raise UserError(f"--difficulty: {e}") from None
-    need = hi + cfg.data.chains - 1
+    need = chains_room(hi, cfg.data.chains, cfg.data.matched)
     if need > cfg.data.statements:
         raise UserError(f"--difficulty: {hi} lookups and {cfg.data.chains - 1} distractor chain(s) need {need} "
                         f"statements; the model's problems have data.statements={cfg.data.statements}")

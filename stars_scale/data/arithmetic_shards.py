@@ -35,6 +35,9 @@ class ChainsOptions:
     test_difficulty: tuple[int, int] = (1, 6)
     chains: int = 3
     order: str = "program"
+    value_first: bool = False
+    names: str = "random"
+    matched: bool = False
     samples: int = 100_000
     test_size: int = 512
     seed: int = 0
@@ -87,13 +90,14 @@ def write_chains(opts: ChainsOptions) -> fmt.Manifest:
     try:
         task = ChainsTask(statements=opts.statements, variables=opts.variables, difficulty=opts.difficulty,
                           test_difficulty=opts.test_difficulty, chains=opts.chains, order=opts.order,
-                          seed=opts.seed,
+                          value_first=opts.value_first, names=opts.names, matched=opts.matched, seed=opts.seed,
                           test_size=max(opts.test_size, 1))
     except ValueError as e:
         raise UserError(str(e).replace("data.", "--").replace("_", "-")) from None
     return _write_task(task, "chains", VOCAB, opts, {
         "statements": opts.statements, "variables": opts.variables, "difficulty": list(task.difficulty),
         "test_difficulty": list(task.test_difficulty), "chains": task.chains, "order": opts.order,
+        "value_first": opts.value_first, "names": opts.names, "matched": opts.matched,
         "seed": opts.seed, "test_size": opts.test_size})
 
 

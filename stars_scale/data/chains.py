@@ -79,11 +79,19 @@ def format_problem(tokens) -> str:
     return f"{stmts}; {VOCAB[toks[q - 1]]}?" + (f" -> {rest}" if rest else "")
 
 
-def solve(prompt) -> tuple[int, int]:
+def bindings(prompt, value_first: bool = False) -> dict[int, int]:
+    """{variable: value} of the prompt's statements, in the order they are written."""
+    toks = [int(t) for t in prompt]
+    q = toks.index(QUERY)
+    pairs = [(toks[i], toks[i + 1]) for i in range(0, q - 1, 2)]
+    return {b: a for a, b in pairs} if value_first else dict(pairs)
+
+
+def solve(prompt, value_first: bool = False) -> tuple[int, int]:
     """Brute force from the prompt's tokens alone: (answer digit, lookups needed)."""
     toks = [int(t) for t in prompt]
     q = toks.index(QUERY)
-    binding = {toks[i]: toks[i + 1] for i in range(0, q - 1, 2)}
+    binding = bindings(toks, value_first)
     if len(binding) != (q - 1) // 2:
         raise ValueError("a variable is bound twice")
     v, hops = toks[q - 1], 0
@@ -92,6 +100,20 @@ def solve(prompt) -> tuple[int, int]:
             raise ValueError("the bindings form a cycle")
         v, hops = binding[v], hops + 1
     return v, hops
+
+
+def resolved(prompts, value_first: bool = False) -> np.ndarray:
+    """[B, 2S+2] prompts -> [B, S]: the digit each statement's variable resolves to (brute force)."""
+    out = []
+    for p in np.asarray(prompts):
+        row = []
+        for v in bindings(p, value_first).values():
+            hops = 0
+            while v >= _VAR0 and hops <= len(p):
+                v, hops = bindings(p, value_first)[v], hops + 1
+            row.append(v)
+        out.append(row)
+    return np.array(out, dtype=np.int64)
 
 
 def parse_difficulty(text: str) -> tuple[int, int]:
@@ -116,6 +138,10 @@ class ChainsTask:
     test_difficulty: tuple[int, int] = (1, 4)
     chains: int = 3  # C: chains per problem (the query's and C - 1 distractors), rooted at distinct digits
     order: str = "program"  # "program": every variable bound before it is referenced; "shuffled": any order
+    dense: bool = False  # training labels also give every statement's resolved digit (at its second token)
+    matched: bool = False  # all chains as long as the query's; spare statements bound to the roots in turn
+    names: str = "random"  # "random": variables drawn at random; "slot": statement s binds the s-th letter
+    value_first: bool = False  # statements written `<value><variable>` (value flows forward) instead of `<variable><value>`
     seed: int = 0
     test_size: int = 512
     train_size: int = 0  # accepted for symmetry with arithmetic; 0 only (fresh problems every step)
@@ -123,12 +149,14 @@ class ChainsTask:
 
     def __post_init__(self) -> None:
         why = chains_error(self.statements, self.variables, self.difficulty, self.test_difficulty, self.chains,
-                           self.train_size)
+                           self.train_size, matched=self.matched)
         if why:
             raise ValueError(why)
         self.difficulty = tuple(int(x) for x in self.difficulty)
         self.test_difficulty = tuple(int(x) for x in self.test_difficulty)
         S = self.statements
+        if self.names not in ("random", "slot"):
+            raise ValueError(f"data.names must be random or slot, got {self.names!r}")
         if self.order not in ("program", "shuffled"):
             raise ValueError(f"data.order must be program or shuffled, got {self.order!r}")
         if self.test_size < 1:
@@ -166,10 +194,19 @@ class ChainsTask:
             return value  # the chain's last variable
 
         query = chain(k)
-        rest, parts = S - k, self.chains - 1  # a uniform composition of `rest` into `parts` positive lengths
-        cuts = np.sort(rng.choice(np.arange(1, rest), size=parts - 1, replace=False)) if parts > 1 else []
-        for length in np.diff([0, *cuts, rest]):
-            chain(int(length))
+        if self.matched:  # C chains of k; the rest bound straight to the C root digits in turn, from a random one
+            for _ in range(self.chains - 1):
+                chain(k)
+            first = int(rng.integers(self.chains))
+            for j in range(S - self.chains * k):
+                stmts.append((int(names[pos]), int(roots[(first + j) % self.chains])))
+                owner.append(n_chains)
+                pos, n_chains = pos + 1, n_chains + 1
+        else:
+            rest, parts = S - k, self.chains - 1  # a uniform composition of `rest` into `parts` positive lengths
+            cuts = np.sort(rng.choice(np.arange(1, rest), size=parts - 1, replace=False)) if parts > 1 else []
+            for length in np.diff([0, *cuts, rest]):
+                chain(int(length))
         if self.order == "shuffled":
             order = rng.permutation(S)
         else:  # program: a random interleaving of the chains, each bound before it is referenced
@@ -178,23 +215,30 @@ class ChainsTask:
             for c in np.asarray(owner)[rng.permutation(S)]:
                 order.append(taken[c])
                 taken[c] += 1
+        if self.names == "slot":  # the statement in slot s binds the s-th letter: a lookup is by position
+            rename = {stmts[i][0]: _VAR0 + slot for slot, i in enumerate(order)}
+            stmts = [(rename[x], rename.get(y, y)) for x, y in stmts]
+            query = rename[query]
         out = np.empty(2 * S + 2, dtype=np.int64)
         for slot, i in enumerate(order):
-            out[2 * slot], out[2 * slot + 1] = stmts[i]
+            out[2 * slot], out[2 * slot + 1] = stmts[i][::-1] if self.value_first else stmts[i]
         out[-2], out[-1] = query, QUERY
         return out
 
     def _problems(self, rng: np.random.Generator, levels: np.ndarray) -> np.ndarray:
         return np.stack([self._problem(rng, int(k)) for k in levels])
 
-    def encode(self, prompts: np.ndarray) -> dict[str, torch.Tensor]:
-        """Prompts [B, 2S+2] -> {"input_ids", "labels"} with the answer and EOS appended."""
-        answers = np.array([solve(p)[0] for p in prompts], dtype=np.int64)
+    def encode(self, prompts: np.ndarray, dense: bool = False) -> dict[str, torch.Tensor]:
+        """Prompts [B, 2S+2] -> {"input_ids", "labels"} with the answer and EOS appended. `dense`: the
+        value token of every statement is also labelled with the digit its variable resolves to."""
+        answers = np.array([solve(p, self.value_first)[0] for p in prompts], dtype=np.int64)
         B = len(prompts)
         tokens = np.concatenate([prompts, answers[:, None], np.full((B, 1), EOS, dtype=np.int64)], axis=1)
         labels = np.full_like(tokens, IGNORE)
         start = self.prompt_len - 1  # "?" predicts the answer, the answer predicts EOS
         labels[:, start:-1] = tokens[:, start + 1:]
+        if dense:
+            labels[:, 1:start - 1:2] = resolved(prompts, self.value_first)
         return {"input_ids": torch.from_numpy(tokens), "labels": torch.from_numpy(labels)}
 
     def train_batch(self, step: int, micro: int, batch_size: int, dp_rank: int = 0) -> dict[str, torch.Tensor]:
@@ -205,7 +249,7 @@ class ChainsTask:
         for i in range(batch_size):  # never a test problem
             while prompts[i].tobytes() in self._test_keys:
                 prompts[i] = self._problem(rng, int(levels[i]))
-        return self.encode(prompts)
+        return self.encode(prompts, dense=self.dense)
 
     def test_batch(self, limit: int | None = None) -> dict[str, torch.Tensor]:
         idx = self._spread(limit)

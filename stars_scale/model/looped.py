@@ -84,7 +84,8 @@ class LoopedLM(nn.Module):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            std = self.cfg.embed_init_std if isinstance(module, nn.Embedding) else None
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std if std is None else std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif hasattr(module, "regroup_after_init"):  # after its fused qkv_proj (children come first)
