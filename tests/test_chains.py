@@ -351,3 +351,16 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     assert len(out["tokens"]) >= 1 and len(out["loops"]) == len(out["tokens"])
     res = _cli("stars_scale.cli.generate", "--checkpoint", "run", "--prompt", "a=b", cwd=tmp_path)
     assert res.returncode == 2 and "chains vocabulary" in res.stderr
+
+
+def test_plain_control_bench_runs_and_reports_every_difficulty():
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "bench" / "chains_plain_control.py"), "--layers", "1",
+                        "--statements", "9", "--difficulty", "1..3", "--matched", "--value-first", "--steps", "0"],
+                       capture_output=True, text=True, cwd=root, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    line = p.stdout.strip().splitlines()[-1]
+    assert line.startswith("step     0  loss ") and "exact match % by difficulty 1..3:" in line
+    per = line.split("1..3:")[1].split("(")[0].split()
+    assert len(per) == 3 and all(0 <= float(x) <= 100 for x in per)
