@@ -193,7 +193,8 @@ def _chains(args) -> int:
     m = write_chains(ChainsOptions(
         out=args.out, statements=args.statements, variables=args.variables, difficulty=args.difficulty,
         test_difficulty=args.test_difficulty or args.difficulty, chains=args.chains, order=args.order,
-        value_first=args.value_first, names=args.names, matched=args.matched, samples=args.samples, test_size=args.test_size, seed=args.seed, shard_size=args.shard_size,
+        value_first=args.value_first, names=args.names, matched=args.matched, samples=args.samples,
+        test_size=args.test_size, seed=args.seed, shard_size=args.shard_size,
         blocks_per_shard=args.blocks_per_shard,
         overwrite=args.overwrite))
     parts = ", ".join(f"{k}: {v.blocks} problems in {len(v.shards)} shard(s)" for k, v in m.splits.items())

@@ -87,14 +87,9 @@ def bindings(prompt, value_first: bool = False) -> dict[int, int]:
     return {b: a for a, b in pairs} if value_first else dict(pairs)
 
 
-def solve(prompt, value_first: bool = False) -> tuple[int, int]:
-    """Brute force from the prompt's tokens alone: (answer digit, lookups needed)."""
-    toks = [int(t) for t in prompt]
-    q = toks.index(QUERY)
-    binding = bindings(toks, value_first)
-    if len(binding) != (q - 1) // 2:
-        raise ValueError("a variable is bound twice")
-    v, hops = toks[q - 1], 0
+def _follow(binding: dict[int, int], v: int) -> tuple[int, int]:
+    """Follow `binding` from token `v` to a digit: (digit, lookups); ValueError on a cycle."""
+    hops = 0
     while v >= _VAR0:
         if hops > len(binding):
             raise ValueError("the bindings form a cycle")
@@ -102,18 +97,23 @@ def solve(prompt, value_first: bool = False) -> tuple[int, int]:
     return v, hops
 
 
+def solve(prompt, value_first: bool = False) -> tuple[int, int]:
+    """Brute force from the prompt's tokens alone: (answer digit, lookups needed)."""
+    toks = [int(t) for t in prompt]
+    q = toks.index(QUERY)
+    binding = bindings(toks, value_first)
+    if len(binding) != (q - 1) // 2:
+        raise ValueError("a variable is bound twice")
+    return _follow(binding, toks[q - 1])
+
+
 def resolved(prompts, value_first: bool = False) -> np.ndarray:
     """[B, 2S+2] prompts -> [B, S]: the digit each statement's variable resolves to (brute force)."""
-    out = []
+    rows = []
     for p in np.asarray(prompts):
-        row = []
-        for v in bindings(p, value_first).values():
-            hops = 0
-            while v >= _VAR0 and hops <= len(p):
-                v, hops = bindings(p, value_first)[v], hops + 1
-            row.append(v)
-        out.append(row)
-    return np.array(out, dtype=np.int64)
+        binding = bindings(p, value_first)
+        rows.append([_follow(binding, v)[0] for v in binding.values()])
+    return np.array(rows, dtype=np.int64)
 
 
 def parse_difficulty(text: str) -> tuple[int, int]:

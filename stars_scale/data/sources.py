@@ -66,8 +66,8 @@ def build_task(cfg: RunConfig, test_difficulty: tuple[int, int] | None = None, t
         try:
             return chains.ChainsTask(statements=d.statements, variables=d.variables, difficulty=tuple(d.difficulty),
                                      test_difficulty=tuple(test_difficulty or d.test_difficulty),
-                                     chains=d.chains, order=d.order, dense=d.dense, value_first=d.value_first, names=d.names,
-                                     matched=d.matched, seed=cfg.seed,
+                                     chains=d.chains, order=d.order, dense=d.dense, value_first=d.value_first,
+                                     names=d.names, matched=d.matched, seed=cfg.seed,
                                      test_size=test_size or d.test_size)
         except ValueError as e:
             raise ConfigError(str(e)) from None
