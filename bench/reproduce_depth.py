@@ -9,14 +9,16 @@ main: trains configs/chains_tiny.yaml (the main job) once per seed x torch threa
       end-of-training sweep: exact match at r=1 <= 50%, best >= 99%, r=64 >= 97% of the best,
       wall <= 8 min (wall includes the sweep; on a shared machine it is inflated: the user CPU
       time is recorded next to it). Plot: docs/chains_depth_scaling.png.
-e2h:  `stars-eval depth --difficulty 1..2n` on the main job's models (trained on 1..n) and on
-      configs/chains_tiny_fixed.yaml (fixed depth, no penalty, otherwise the same), seeds as
-      given, threads = the first of --threads: accuracy per difficulty x depth, the first depth
+e2h:  trains configs/chains_e2h.yaml (the main job's task and model, trained on 1..n lookups at a
+      mean depth of about n) and configs/chains_e2h_fixed.yaml (fixed depth, no penalty, otherwise
+      the same), seeds as given, threads = the first of --threads, then `stars-eval depth
+      --difficulty 1..2n` on each: accuracy per difficulty x depth, the first depth
       reaching 90% per difficulty, and the issue's targets (that depth grows with difficulty;
       on n+1..1.5n the best depth's accuracy >= 2x the accuracy at the training mean depth; >= 80%
       at n+1). Heatmaps: docs/chains_difficulty_{stars,fixed}.png (seed means).
-exit: `stars-eval depth --exit contraction,delta` on the first main-job model, test set mixed
-      over the main job's difficulties; the contraction rule against the smallest fixed depth
+exit: `stars-eval depth --exit contraction,delta --difficulty LO..n` on the first main-job model:
+      a test set mixed evenly over the main job's training difficulties (its scored test set holds
+      the hard ones only); the contraction rule against the smallest fixed depth
       within 0.5 points of the best. Plot: docs/test_time_chains.png.
 Everything goes to docs/depth_results.json; markdown tables to stdout.
 """
@@ -33,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reproduce_collapse import train  # noqa: E402  (one trainer driver for the benches: timing, reuse)
 
 ROOT = Path(__file__).resolve().parents[1]
-MAIN, FIXED = "chains_tiny", "chains_tiny_fixed"
+MAIN = "chains_tiny"
+E2H, E2H_FIXED = "chains_e2h", "chains_e2h_fixed"
 E2H_DEPTHS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]
 EXIT_TOLS = "contraction=0.1,contraction=0.03,contraction=0.01,delta=0.1,delta=0.01"
 
@@ -119,14 +122,14 @@ def main() -> None:
     results_path = docs / "depth_results.json"
     table = json.loads(results_path.read_text()) if results_path.is_file() else {}
     table["overrides"] = args.overrides
-    cfg = load_config(ROOT / "configs" / f"{MAIN}.yaml", args.overrides)
-    lo, n = cfg.data.difficulty
+    lo, n = load_config(ROOT / "configs" / f"{MAIN}.yaml", args.overrides).data.difficulty
+    e2h_lo, e2h_n = load_config(ROOT / "configs" / f"{E2H}.yaml", args.overrides).data.difficulty
 
     work = []
-    if parts & {"main", "e2h", "exit"}:
+    if parts & {"main", "exit"}:
         work += [(MAIN, s, t) for s in seeds for t in (threads if "main" in parts else threads[:1])]
     if "e2h" in parts:
-        work += [(FIXED, s, threads[0]) for s in seeds]
+        work += [(name, s, threads[0]) for name in (E2H, E2H_FIXED) for s in seeds]
     work = list(dict.fromkeys(work))
 
     def one(w):
@@ -156,19 +159,19 @@ def main() -> None:
     if "e2h" in parts:
         t0 = threads[0]
         e2h = {}
-        for label, name in (("stars", MAIN), ("fixed", FIXED)):
+        for label, name in (("stars", E2H), ("fixed", E2H_FIXED)):
             c = load_config(ROOT / "configs" / f"{name}.yaml", args.overrides)
             train_depth = int(round(base_mean(c.depth)))
             if train_depth not in E2H_DEPTHS:
                 raise SystemExit(f"training depth {train_depth} is not in the e2h sweep {E2H_DEPTHS}")
-            ss = [difficulty_sweep(run_dir(out, name, s, t0), 1, 2 * n, args.samples) for s in seeds]
+            ss = [difficulty_sweep(run_dir(out, name, s, t0), 1, 2 * e2h_n, args.samples) for s in seeds]
             mean = mean_summary(ss)
             e2h[label] = {"config": f"configs/{name}.yaml", "train_depth": train_depth,
-                          "per_seed": [{"seed": s, **e2h_targets(x, n, train_depth), "accuracy": x["accuracy"]}
+                          "per_seed": [{"seed": s, **e2h_targets(x, e2h_n, train_depth), "accuracy": x["accuracy"]}
                                        for s, x in zip(seeds, ss)],
-                          "seed_mean": {**e2h_targets(mean, n, train_depth), "accuracy": mean["accuracy"]}}
+                          "seed_mean": {**e2h_targets(mean, e2h_n, train_depth), "accuracy": mean["accuracy"]}}
             plot_heatmap(mean, docs / f"chains_difficulty_{label}.png",
-                         f"{name}: trained on difficulty {lo}..{n}, mean of seeds {args.seeds}", (lo, n))
+                         f"{name}: trained on difficulty {e2h_lo}..{e2h_n}, mean of seeds {args.seeds}", (e2h_lo, e2h_n))
             print(f"\n{label} ({name}, seed mean, training depth {train_depth}):\n" + markdown_table(mean))
         table["e2h"] = e2h
 
@@ -177,7 +180,7 @@ def main() -> None:
         ev = rdir / "exit"
         if not (ev / "depth_scaling.json").is_file():
             eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64",
-                     "--samples", str(args.exit_samples),
+                     "--samples", str(args.exit_samples), "--difficulty", f"{lo}..{n}",
                      "--exit", "contraction,delta", "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
         from stars_scale.eval.exit_accuracy import summarise
 

@@ -30,8 +30,8 @@ def test_reproduce_depth_tiny(tmp_path):
     for label in ("stars", "fixed"):
         e = table["e2h"][label]
         (seed,) = e["per_seed"]
-        assert e["train_depth"] == 5 and list(seed["accuracy"]) == [str(k) for k in range(1, 9)]
-        assert set(seed["best_over_train_depth_on_n+1..1.5n"]) == {"5", "6"}
+        assert e["train_depth"] == 3 and list(seed["accuracy"]) == [str(k) for k in range(1, 7)]
+        assert set(seed["best_over_train_depth_on_n+1..1.5n"]) == {"4"}
         assert (tmp_path / "docs" / f"chains_difficulty_{label}.png").stat().st_size > 5_000
     ex = table["exit"]
     assert {r["rule"] for r in ex["rules"]} == {"contraction", "delta"} and len(ex["rules"]) == 5
