@@ -122,7 +122,8 @@ def main() -> None:
     results_path = docs / "depth_results.json"
     table = json.loads(results_path.read_text()) if results_path.is_file() else {}
     table["overrides"] = args.overrides
-    lo, n = load_config(ROOT / "configs" / f"{MAIN}.yaml", args.overrides).data.difficulty
+    main_cfg = load_config(ROOT / "configs" / f"{MAIN}.yaml", args.overrides)
+    (lo, n), (test_lo, test_hi) = main_cfg.data.difficulty, main_cfg.data.test_difficulty
     e2h_lo, e2h_n = load_config(ROOT / "configs" / f"{E2H}.yaml", args.overrides).data.difficulty
 
     work = []
@@ -146,9 +147,9 @@ def main() -> None:
         table["main"] = {"config": f"configs/{MAIN}.yaml", "runs": rows}
         for r in (r for _, _, r in runs):
             r["source"] = r["run_dir"]
-        plot_groups([(f"chains 1..{n} (seeds {args.seeds} x threads {args.threads})",
-                      summarize_group([r for _, _, r in runs]))], docs / "chains_depth_scaling.png",
-                    f"main job: variable-binding chains, difficulty {lo}..{n}")
+        plot_groups([(f"seeds {args.seeds} x threads {args.threads}", summarize_group([r for _, _, r in runs]))],
+                    docs / "chains_depth_scaling.png",
+                    f"main job: variable-binding chains, trained on {lo}..{n} lookups, test set {test_lo}..{test_hi}")
         depths = runs[0][2]["depths"]
         print("| seed | threads | " + " | ".join(f"r={d}" for d in depths) + " | wall | user CPU |")
         print("|---|---|" + "---|" * (len(depths) + 2))
