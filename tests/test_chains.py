@@ -294,6 +294,18 @@ def test_depth_sweep_groups_add_up_to_the_overall_accuracy():
         assert abs(mean - res["accuracy"][i]) < 1e-12
 
 
+def test_oracle_exit_by_hand():
+    from stars_scale.eval.depth_scaling import oracle_exit
+
+    right = {1: torch.tensor([1, 0, 0, 0]).bool(), 2: torch.tensor([0, 1, 0, 0]).bool(),
+             4: torch.tensor([1, 1, 1, 0]).bool()}
+    # first right depths 1, 2, 4 and (never right) the largest, 4; tokens 2, 2, 2, 4 per problem
+    o = oracle_exit([1, 2, 4], right, groups=torch.tensor([1, 1, 2, 2]), tokens=torch.tensor([2, 2, 2, 4]))
+    assert o["accuracy"] == 0.75 and o["mean_loops"] == (2 * 1 + 2 * 2 + 2 * 4 + 4 * 4) / 10
+    assert o["by_group"] == {"1": {"accuracy": 1.0, "mean_loops": 1.5}, "2": {"accuracy": 0.5, "mean_loops": 4.0}}
+    assert oracle_exit([1, 2, 4], right)["mean_loops"] == (1 + 2 + 4 + 4) / 4
+
+
 def test_first_depth_and_table():
     from stars_scale.eval.difficulty import markdown_table, summarise
 
@@ -325,7 +337,8 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     res = _cli("stars_scale.cli.train", "--config", "cfg.yaml", "--out", "run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     res = _cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--depths", "1,2,4", "--difficulty", "1..6",
-               "--samples", "36", "--out", "ev", "--no-mlflow", cwd=tmp_path)
+               "--samples", "36", "--out", "ev", "--no-mlflow", "--exit", "contraction,delta",
+               "--tol", "contraction=0.1,delta=0.05", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     s = json.loads((tmp_path / "ev" / "difficulty_depth.json").read_text())
     assert s["difficulties"] == [1, 2, 3, 4, 5, 6] and s["depths"] == [1, 2, 4]
@@ -339,6 +352,18 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     assert (tmp_path / "ev" / "difficulty_depth.png").read_bytes()[:4] == b"\x89PNG"
     sweep = json.loads((tmp_path / "ev" / "depth_scaling.json").read_text())
     assert sweep["accuracy_by_group"] == s["accuracy"]
+    # the oracle (each problem at its first right depth) is right wherever some swept depth is
+    oracle = sweep["oracle_exit"]
+    assert oracle["accuracy"] >= max(sweep["accuracy"]) and 1 <= oracle["mean_loops"] <= 4
+    assert list(oracle["by_group"]) == [str(k) for k in range(1, 7)]
+    assert abs(sum(g["accuracy"] for g in oracle["by_group"].values()) / 6 - oracle["accuracy"]) < 1e-12
+    for row in sweep["exit_rules"]:  # --exit under --difficulty: accuracy and loops per difficulty
+        assert list(row["by_group"]) == [str(k) for k in range(1, 7)]
+        assert abs(sum(g["accuracy"] for g in row["by_group"].values()) / 6 - row["accuracy"]) < 1e-12
+        assert all(1 <= g["mean_loops"] <= 4 for g in row["by_group"].values())
+    table = (tmp_path / "ev" / "test_time.md").read_text()
+    assert "| oracle: each problem at its first right depth |" in table and "| contraction tol=0.1 | " in table
+    assert "Per group (difficulty)" in table and table.count("| oracle |") == 1
     for bad, msg in [("0..3", "--difficulty"), ("1..7", "data.statements=8")]:
         res = _cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--difficulty", bad, "--no-mlflow",
                    "--out", "bad", cwd=tmp_path)

@@ -99,6 +99,8 @@ def test_eval_depth_exit_rules_table_plot_and_json(tmp_path):
     assert (tmp_path / "ev" / "test_time.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "ev" / "test_time.md").read_text()
     assert "| fixed r=4 |" in table and "| contraction tol=0.05 |" in table
+    assert out["oracle_exit"]["accuracy"] >= max(out["accuracy"]) and "by_group" not in rows[0]
+    assert "| oracle: each problem at its first right depth |" in table and "Per group" not in table
     res = cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--depths", "1", "--exit", "delta",
               "--tol", "kl=1", cwd=tmp_path)
     assert res.returncode == 2 and "names rule 'kl'" in res.stderr

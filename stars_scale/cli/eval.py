@@ -284,7 +284,8 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
         rows = exit_rule_eval(model, batch, build_task(cfg).prompt_len, settings, max_depth=max_depth,
                               eos_id=chains.EOS if cfg.data.kind == "chains" else arithmetic.EOS,
                               cache=args.cache, cache_slots=args.cache_slots, rho_iters=args.exit_rho_iters,
-                              warm_start=args.warm_start, batch_size=cfg.eval.batch_size)
+                              warm_start=args.warm_start, batch_size=cfg.eval.batch_size,
+                              groups=batch.get("difficulty"))
     results["exit_rules"] = rows
     results["exit_max_depth"] = max_depth
     out.mkdir(parents=True, exist_ok=True)

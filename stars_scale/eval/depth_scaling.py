@@ -6,7 +6,10 @@ For every depth r of the sweep, on a fixed test set:
 - delta_h: mean over sequences of ‖s_r − s_{r−1}‖ / ‖s_{r−1}‖ (has the recurrence settled?);
 - rho: ρ̂ of the core map at the end state s_r (forward-mode power iteration, `rho_iters`);
 - with `groups` (one integer per test problem, e.g. the chains task's difficulty): the accuracy of
-  each group at every depth (`accuracy_by_group`, `group_sizes`).
+  each group at every depth (`accuracy_by_group`, `group_sizes`);
+- oracle (tasks with an answer): every problem decoded at the first swept depth that answers it
+  right, the largest when none does -- the loops an exit rule that knew the answer would spend, a
+  floor for every per-problem exit rule on this sweep (`oracle_exit`, per group too).
 
 The sweep shares the loop: depths are visited in increasing order and the state is carried
 from one depth to the next, so the whole sweep costs max(depths) iterations, not their sum.
@@ -47,12 +50,15 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
         raise ValueError("groups needs exact-match accuracy and one group per test sample")
     keys = sorted(set(int(g) for g in groups)) if groups is not None else []
     group_sum = {(g, d): 0.0 for g in keys for d in depths}
+    right_at = {d: [] for d in depths}  # per-problem exact match, for the oracle
+    answer_tokens = []  # labelled (generated) tokens per problem: the oracle's loops are per token
     device = next(model.parameters()).device
     for start in range(0, n, batch_size):
         ids = batch["input_ids"][start:start + batch_size].to(device)
         labels = batch["labels"][start:start + batch_size].to(device)
         mask = labels != IGNORE
         tok_sum += int(mask.sum())
+        answer_tokens.append(mask.sum(1).cpu())
         gen = torch.Generator(device="cpu").manual_seed(seed)
         e = model.encode(ids)
         s = model.init_state(e, gen)
@@ -68,6 +74,7 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
             if has_accuracy:
                 right = ArithmeticTask.exact_match(logits, labels).cpu()
                 acc_sum[d] += float(right.sum())
+                right_at[d].append(right.bool())
                 if groups is not None:
                     g = groups[start:start + batch_size]
                     for key in keys:
@@ -93,6 +100,34 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
         sizes = {g: int((groups == g).sum()) for g in keys}
         out["group_sizes"] = {str(g): sizes[g] for g in keys}
         out["accuracy_by_group"] = {str(g): [group_sum[g, d] / sizes[g] for d in depths] for g in keys}
+    if has_accuracy:
+        out["oracle_exit"] = oracle_exit(depths, {d: torch.cat(right_at[d]) for d in depths}, groups,
+                                         torch.cat(answer_tokens))
+    return out
+
+
+def oracle_exit(depths: list[int], right: dict[int, torch.Tensor], groups: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> dict:
+    """Each problem at the first of `depths` (ascending) where `right[d]` (bool per problem) holds, the
+    largest depth where none does: the accuracy (right at some swept depth) and the mean loops per
+    token of that oracle (each problem's loops weighted by its `tokens`, default 1), overall and
+    per group."""
+    n = len(right[depths[0]])
+    w = torch.ones(n, dtype=torch.float64) if tokens is None else tokens.double()
+    first = torch.full((n,), depths[-1], dtype=torch.float64)
+    solved = torch.zeros(n, dtype=torch.bool)
+    for d in depths:
+        new = right[d] & ~solved
+        first[new] = d
+        solved |= new
+
+    def stats(m: torch.Tensor) -> dict:
+        return {"accuracy": float(solved[m].double().mean()),
+                "mean_loops": float((first[m] * w[m]).sum() / w[m].sum())}
+
+    out = stats(torch.ones(n, dtype=torch.bool))
+    if groups is not None:
+        out["by_group"] = {str(int(g)): stats(groups == g) for g in sorted(set(groups.tolist()))}
     return out
 
 

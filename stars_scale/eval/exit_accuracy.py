@@ -5,7 +5,10 @@ prompts greedily through `stars_scale.generate` and reports exact-match accuracy
 per generated token (mean, p99, max). The fixed-depth sweep of `depth_scaling` supplies the
 baseline: depth r costs r loops per token (teacher-forced exact match equals greedy decoding,
 see data/arithmetic.py). `summarise` answers the question the rules are for: the best fixed
-accuracy, the smallest fixed depth reaching it, and which rules match it with fewer loops.
+accuracy, the smallest fixed depth reaching it, and which rules match it with fewer loops. The
+sweep's oracle (each problem at its first right depth) is the floor every per-problem rule is
+measured against; with `groups` (e.g. the chains task's difficulty) each rule's accuracy and
+loops are also reported per group: does the rule spend more loops where more are needed?
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def parse_tols(text: str, rules: list[str]) -> list[tuple[str, float]]:
 @torch.no_grad()
 def exit_rule_eval(model, batch: dict[str, torch.Tensor], prompt_len: int, settings: list[tuple[str, float]], *,
                    max_depth: int, eos_id: int, cache: str = "full", cache_slots: int = 4, rho_iters: int = 0,
-                   warm_start: bool = False, batch_size: int = 256) -> list[dict]:
+                   warm_start: bool = False, batch_size: int = 256,
+                   groups: torch.Tensor | None = None) -> list[dict]:
     ids, labels = batch["input_ids"], batch["labels"]
     target = ids[:, prompt_len:]
     n_new = target.shape[1]
@@ -52,16 +56,25 @@ def exit_rule_eval(model, batch: dict[str, torch.Tensor], prompt_len: int, setti
     for rule, tol in settings:
         opts = GenerateOptions(max_new_tokens=n_new, exit=rule, tol=tol, max_depth=max_depth, cache=cache,
                                cache_slots=cache_slots, rho_iters=rho_iters, warm_start=warm_start, eos_id=eos_id)
-        right, loops, probes = 0, [], 0
+        right, loops, probes = [], [], 0
         for start in range(0, ids.shape[0], batch_size):
             res = generate(model, ids[start:start + batch_size, :prompt_len], opts)
-            right += int((res.tokens[:, prompt_len:] == target[start:start + batch_size]).all(1).sum())
-            loops += res.token_loops()
+            right.append((res.tokens[:, prompt_len:] == target[start:start + batch_size]).all(1))
+            loops.append(res.loops)
             probes += res.probe_evals
-        arr = np.asarray(loops, dtype=np.float64)
-        rows.append({"rule": rule, "tol": tol, "accuracy": right / ids.shape[0], "mean_loops": float(arr.mean()),
-                     "p99_loops": float(np.percentile(arr, 99)), "max_loops": int(arr.max()),
-                     "tokens": int(arr.size), "probe_evals": probes})
+        right_t, loops_t = torch.cat(right), torch.cat(loops)
+        arr = loops_t[loops_t > 0].double().numpy()
+        row = {"rule": rule, "tol": tol, "accuracy": float(right_t.double().mean()), "mean_loops": float(arr.mean()),
+               "p99_loops": float(np.percentile(arr, 99)), "max_loops": int(arr.max()),
+               "tokens": int(arr.size), "probe_evals": probes}
+        if groups is not None:
+            row["by_group"] = {}
+            for g in sorted(set(groups.tolist())):
+                m = groups == g
+                lg = loops_t[m]
+                row["by_group"][str(int(g))] = {"accuracy": float(right_t[m].double().mean()),
+                                                "mean_loops": float(lg[lg > 0].double().mean())}
+        rows.append(row)
     return rows
 
 
@@ -84,6 +97,20 @@ def format_table(fixed: dict, rules: list[dict]) -> str:
     for r in rules:
         lines.append(f"| {r['rule']} tol={r['tol']:g} | {100 * r['accuracy']:.1f}% | {r['mean_loops']:.2f} | "
                      f"{r['p99_loops']:.0f} |")
+    oracle = fixed.get("oracle_exit")
+    if oracle:
+        lines.append(f"| oracle: each problem at its first right depth | {100 * oracle['accuracy']:.1f}% | "
+                     f"{oracle['mean_loops']:.2f} | |")
+    groups = list(oracle.get("by_group", {})) if oracle else []
+    if groups and all("by_group" in r for r in rules):
+        lines += ["", "Per group (difficulty): exact match % / mean loops per token", "",
+                  "| decoding | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+        for r in rules:
+            lines.append(f"| {r['rule']} tol={r['tol']:g} | " + " | ".join(
+                f"{100 * r['by_group'][g]['accuracy']:.1f} / {r['by_group'][g]['mean_loops']:.2f}" for g in groups) + " |")
+        lines.append("| oracle | " + " | ".join(
+            f"{100 * oracle['by_group'][g]['accuracy']:.1f} / {oracle['by_group'][g]['mean_loops']:.2f}"
+            for g in groups) + " |")
     return "\n".join(lines)
 
 
