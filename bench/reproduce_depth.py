@@ -9,17 +9,18 @@ main: trains configs/chains_tiny.yaml (the main job) once per seed x torch threa
       end-of-training sweep: exact match at r=1 <= 50%, best >= 99%, r=64 >= 97% of the best,
       wall <= 8 min (wall includes the sweep; on a shared machine it is inflated: the user CPU
       time is recorded next to it). Plot: docs/chains_depth_scaling.png.
-e2h:  trains configs/chains_e2h.yaml (the main job's task and model, trained on 1..n lookups at a
-      mean depth of about n) and configs/chains_e2h_fixed.yaml (fixed depth, no penalty, otherwise
+e2h:  trains configs/chains_e2h.yaml (the main job's task and model, trained on 1..n lookups at the
+      mean depth that just suffices for n) and configs/chains_e2h_fixed.yaml (fixed depth, no penalty, otherwise
       the same), seeds as given, threads = the first of --threads, then `stars-eval depth
       --difficulty 1..2n` on each: accuracy per difficulty x depth, the first depth
       reaching 90% per difficulty, and the issue's targets (that depth grows with difficulty;
       on n+1..1.5n the best depth's accuracy >= 2x the accuracy at the training mean depth; >= 80%
       at n+1). Heatmaps: docs/chains_difficulty_{stars,fixed}.png (seed means).
-exit: `stars-eval depth --exit contraction,delta --difficulty LO..n` on the first main-job model:
+exit: `stars-eval depth --exit contraction,delta,kl --difficulty LO..n` on the first main-job model:
       a test set mixed evenly over the main job's training difficulties (its scored test set holds
-      the hard ones only); the contraction rule against the smallest fixed depth
-      within 0.5 points of the best. Plot: docs/test_time_chains.png.
+      the hard ones only); each rule against the smallest fixed depth within 0.5 points of the
+      best and against the sweep's oracle (each problem at its first right depth), overall and per
+      difficulty. Plot: docs/test_time_chains.png.
 Everything goes to docs/depth_results.json; markdown tables to stdout.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = "chains_tiny"
 E2H, E2H_FIXED = "chains_e2h", "chains_e2h_fixed"
 E2H_DEPTHS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]
-EXIT_TOLS = "contraction=0.1,contraction=0.03,contraction=0.01,delta=0.1,delta=0.01"
+EXIT_TOLS = "contraction=0.1,contraction=0.03,contraction=0.01,delta=0.1,delta=0.01,kl=1e-2,kl=1e-3"
 
 
 def run_dir(out: Path, name: str, seed: int, threads: int) -> Path:
@@ -182,7 +183,7 @@ def main() -> None:
         if not (ev / "depth_scaling.json").is_file():
             eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64",
                      "--samples", str(args.exit_samples), "--difficulty", f"{lo}..{n}",
-                     "--exit", "contraction,delta", "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
+                     "--exit", "contraction,delta,kl", "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
         from stars_scale.eval.exit_accuracy import summarise
 
         r = json.loads((ev / "depth_scaling.json").read_text())
@@ -192,10 +193,12 @@ def main() -> None:
                  "loop_fraction_of_ref": row["mean_loops"] / r_ref} for row in r["exit_rules"]]
         table["exit"] = {"run": str(rdir), "best_fixed": best, "smallest_fixed_within_0.5pt": r_ref,
                          "fixed": dict(zip(r["depths"], r["accuracy"])), "rules": rows,
-                         "summary": summarise(r, r["exit_rules"])}
+                         "oracle": r["oracle_exit"], "summary": summarise(r, r["exit_rules"])}
         shutil.copyfile(ev / "test_time.png", docs / "test_time_chains.png")
         print("\n" + (ev / "test_time.md").read_text())
-        print(f"best fixed {100 * best:.1f}%; smallest fixed depth within 0.5 points: r={r_ref}")
+        o = r["oracle_exit"]
+        print(f"best fixed {100 * best:.1f}%; smallest fixed depth within 0.5 points: r={r_ref}; oracle "
+              f"{100 * o['accuracy']:.1f}% at {o['mean_loops']:.2f} loops/token = {100 * o['mean_loops'] / r_ref:.0f}% of r={r_ref}")
         for row in rows:
             print(f"{row['rule']} tol={row['tol']:g}: {100 * row['accuracy']:.1f}%, "
                   f"{row['mean_loops']:.2f} loops/token = {100 * row['loop_fraction_of_ref']:.0f}% of r={r_ref}; "

@@ -30,11 +30,13 @@ def test_reproduce_depth_tiny(tmp_path):
     for label in ("stars", "fixed"):
         e = table["e2h"][label]
         (seed,) = e["per_seed"]
-        assert e["train_depth"] == 3 and list(seed["accuracy"]) == [str(k) for k in range(1, 7)]
-        assert set(seed["best_over_train_depth_on_n+1..1.5n"]) == {"4"}
+        assert e["train_depth"] == 3 and list(seed["accuracy"]) == [str(k) for k in range(1, 9)]  # n = 4: 1..2n
+        assert set(seed["best_over_train_depth_on_n+1..1.5n"]) == {"5", "6"}
         assert (tmp_path / "docs" / f"chains_difficulty_{label}.png").stat().st_size > 5_000
     ex = table["exit"]
-    assert {r["rule"] for r in ex["rules"]} == {"contraction", "delta"} and len(ex["rules"]) == 5
+    assert {r["rule"] for r in ex["rules"]} == {"contraction", "delta", "kl"} and len(ex["rules"]) == 7
+    assert ex["oracle"]["accuracy"] >= ex["best_fixed"] and set(ex["oracle"]["by_group"]) == {str(k) for k in range(1, 7)}
+    assert all(set(r["by_group"]) == set(ex["oracle"]["by_group"]) for r in ex["rules"])
     assert ex["smallest_fixed_within_0.5pt"] in ex["fixed"] or str(ex["smallest_fixed_within_0.5pt"]) in ex["fixed"]
     for png in ("chains_depth_scaling.png", "test_time_chains.png"):
         assert (tmp_path / "docs" / png).read_bytes()[:4] == b"\x89PNG"

@@ -133,6 +133,10 @@ def plot_accuracy_vs_loops(fixed: dict, rules: list[dict], path: Path, title: st
         for r in rows:
             ax.annotate(f"{r['tol']:g}", (r["mean_loops"], 100 * r["accuracy"]), fontsize=7,
                         xytext=(3, -9), textcoords="offset points")
+    oracle = fixed.get("oracle_exit")
+    if oracle:
+        ax.plot([oracle["mean_loops"]], [100 * oracle["accuracy"]], "kD", mfc="none", ms=8,
+                label="oracle: each problem at its first right depth")
     ax.set_xlabel("loops per generated token (fixed r, or the rule's mean)")
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(-2, 102)
