@@ -59,8 +59,8 @@ def exit_rule_eval(model, batch: dict[str, torch.Tensor], prompt_len: int, setti
         right, loops, probes = [], [], 0
         for start in range(0, ids.shape[0], batch_size):
             res = generate(model, ids[start:start + batch_size, :prompt_len], opts)
-            right.append((res.tokens[:, prompt_len:] == target[start:start + batch_size]).all(1))
-            loops.append(res.loops)
+            right.append((res.tokens[:, prompt_len:].cpu() == target[start:start + batch_size].cpu()).all(1))
+            loops.append(res.loops.cpu())
             probes += res.probe_evals
         right_t, loops_t = torch.cat(right), torch.cat(loops)
         arr = loops_t[loops_t > 0].double().numpy()
