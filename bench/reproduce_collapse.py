@@ -190,7 +190,8 @@ def main() -> None:
                     for label, name in labels.items()},
     }
     write_results(runs, labels, Path(args.docs), args.family, table,
-                  f"depth collapse ({args.family}): 2-digit addition, seeds {args.seeds} (mean, min-max band)")
+                  f"depth collapse ({args.family}): 2-digit addition, seeds {args.seeds} (mean, min-max band)"
+                  + (f"\n--set {' '.join(args.overrides)}" if args.overrides else ""))
     depths = runs[fixed][0]["depths"]
     print("| config | seed | " + " | ".join(f"r={d}" for d in depths) + " | peak | kept at 4x | worst kept, 1x-8x |")
     print("|---|---|" + "---|" * (len(depths) + 3))
