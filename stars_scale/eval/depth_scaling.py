@@ -41,7 +41,6 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
     was_training = model.training
     model.eval()
     n = batch["input_ids"].shape[0]
-    acc_sum = {d: 0.0 for d in depths}
     loss_sum = {d: 0.0 for d in depths}
     tok_sum = 0
     dh_sum = {d: 0.0 for d in depths}
@@ -49,8 +48,7 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
     if groups is not None and (not has_accuracy or len(groups) != n):
         raise ValueError("groups needs exact-match accuracy and one group per test sample")
     keys = sorted(set(int(g) for g in groups)) if groups is not None else []
-    group_sum = {(g, d): 0.0 for g in keys for d in depths}
-    right_at = {d: [] for d in depths}  # per-problem exact match, for the oracle
+    right_at = {d: [] for d in depths}  # per-problem exact match: accuracy, per group, the oracle
     answer_tokens = []  # labelled (generated) tokens per problem: the oracle's loops are per token
     device = next(model.parameters()).device
     for start in range(0, n, batch_size):
@@ -72,13 +70,7 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
             ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
             loss_sum[d] += float((ce * mask).sum())
             if has_accuracy:
-                right = ArithmeticTask.exact_match(logits, labels).cpu()
-                acc_sum[d] += float(right.sum())
-                right_at[d].append(right.bool())
-                if groups is not None:
-                    g = groups[start:start + batch_size]
-                    for key in keys:
-                        group_sum[key, d] += float(right[g == key].sum())
+                right_at[d].append(ArithmeticTask.exact_match(logits, labels).cpu().bool())
             num = (s - prev).float().flatten(1).norm(dim=1)
             den = prev.float().flatten(1).norm(dim=1).clamp_min(1e-12)
             dh_sum[d] += float((num / den).sum())
@@ -88,9 +80,10 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
                 rho[d] = float(estimate_spectral_radius(lambda h: model.core_step(h, es), hs, "jvp", rho_iters,
                                                         generator=torch.Generator().manual_seed(seed + 1)))
     model.train(was_training)
+    right = {d: torch.cat(right_at[d]) for d in depths} if has_accuracy else {}
     out = {
         "depths": depths,
-        "accuracy": [acc_sum[d] / n for d in depths] if has_accuracy else None,
+        "accuracy": [int(right[d].sum()) / n for d in depths] if has_accuracy else None,
         "loss": [loss_sum[d] / max(tok_sum, 1) for d in depths],
         "perplexity": [math.exp(min(loss_sum[d] / max(tok_sum, 1), 50.0)) for d in depths],
         "rho": [rho[d] for d in depths],
@@ -99,10 +92,25 @@ def depth_sweep(model, batch: dict[str, torch.Tensor], depths: list[int], *, rho
     if groups is not None:
         sizes = {g: int((groups == g).sum()) for g in keys}
         out["group_sizes"] = {str(g): sizes[g] for g in keys}
-        out["accuracy_by_group"] = {str(g): [group_sum[g, d] / sizes[g] for d in depths] for g in keys}
+        out["accuracy_by_group"] = {str(g): [int(right[d][groups == g].sum()) / sizes[g] for d in depths]
+                                    for g in keys}
     if has_accuracy:
-        out["oracle_exit"] = oracle_exit(depths, {d: torch.cat(right_at[d]) for d in depths}, groups,
-                                         torch.cat(answer_tokens))
+        out["oracle_exit"] = oracle_exit(depths, right, groups, torch.cat(answer_tokens))
+    return out
+
+
+def accuracy_and_loops(right: torch.Tensor, loops: torch.Tensor, tokens: torch.Tensor,
+                       groups: torch.Tensor | None = None) -> dict:
+    """Per problem: `right` (bool), `loops` (summed over its tokens), `tokens`. Exact match and mean
+    loops per token over all problems and, with `groups`, per group (`by_group`, keyed by str)."""
+    loops, tokens = loops.double(), tokens.double()
+
+    def stats(m: torch.Tensor) -> dict:
+        return {"accuracy": float(right[m].double().mean()), "mean_loops": float(loops[m].sum() / tokens[m].sum())}
+
+    out = stats(torch.ones(len(right), dtype=torch.bool))
+    if groups is not None:
+        out["by_group"] = {str(int(g)): stats(groups == g) for g in sorted(set(groups.tolist()))}
     return out
 
 
@@ -120,15 +128,7 @@ def oracle_exit(depths: list[int], right: dict[int, torch.Tensor], groups: torch
         new = right[d] & ~solved
         first[new] = d
         solved |= new
-
-    def stats(m: torch.Tensor) -> dict:
-        return {"accuracy": float(solved[m].double().mean()),
-                "mean_loops": float((first[m] * w[m]).sum() / w[m].sum())}
-
-    out = stats(torch.ones(n, dtype=torch.bool))
-    if groups is not None:
-        out["by_group"] = {str(int(g)): stats(groups == g) for g in sorted(set(groups.tolist()))}
-    return out
+    return accuracy_and_loops(solved, first * w, w, groups)
 
 
 def plot_depth_scaling(results: dict | list[tuple[str, dict]], path: Path, title: str = "") -> None:

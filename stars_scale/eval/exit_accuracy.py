@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from stars_scale.errors import UserError
+from stars_scale.eval.depth_scaling import accuracy_and_loops
 from stars_scale.generate import GenerateOptions, generate
 from stars_scale.utils import atomic_write
 
@@ -68,12 +69,7 @@ def exit_rule_eval(model, batch: dict[str, torch.Tensor], prompt_len: int, setti
                "p99_loops": float(np.percentile(arr, 99)), "max_loops": int(arr.max()),
                "tokens": int(arr.size), "probe_evals": probes}
         if groups is not None:
-            row["by_group"] = {}
-            for g in sorted(set(groups.tolist())):
-                m = groups == g
-                lg = loops_t[m]
-                row["by_group"][str(int(g))] = {"accuracy": float(right_t[m].double().mean()),
-                                                "mean_loops": float(lg[lg > 0].double().mean())}
+            row["by_group"] = accuracy_and_loops(right_t, loops_t.sum(1), (loops_t > 0).sum(1), groups)["by_group"]
         rows.append(row)
     return rows
 
@@ -105,12 +101,10 @@ def format_table(fixed: dict, rules: list[dict]) -> str:
     if groups and all("by_group" in r for r in rules):
         lines += ["", "Per group (difficulty): exact match % / mean loops per token", "",
                   "| decoding | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-        for r in rules:
-            lines.append(f"| {r['rule']} tol={r['tol']:g} | " + " | ".join(
-                f"{100 * r['by_group'][g]['accuracy']:.1f} / {r['by_group'][g]['mean_loops']:.2f}" for g in groups) + " |")
-        lines.append("| oracle | " + " | ".join(
-            f"{100 * oracle['by_group'][g]['accuracy']:.1f} / {oracle['by_group'][g]['mean_loops']:.2f}"
-            for g in groups) + " |")
+        named = [(f"{r['rule']} tol={r['tol']:g}", r["by_group"]) for r in rules] + [("oracle", oracle["by_group"])]
+        for name, by in named:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{100 * by[g]['accuracy']:.1f} / {by[g]['mean_loops']:.2f}" for g in groups) + " |")
     return "\n".join(lines)
 
 
