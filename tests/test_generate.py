@@ -207,6 +207,41 @@ def test_exit_rules_stop_early_on_a_contractive_core(rule, tol):
     assert torch.equal(res.tokens, deep.tokens)  # converged: the answer of a deep loop
 
 
+@pytest.mark.parametrize("cache", ["full", "none"])
+def test_confidence_exit_stops_where_the_top1_mass_first_reaches_one_minus_tol(cache):
+    """By hand, from forward() at every depth: the first token of each row stops at the first depth
+    whose next-token distribution leaves less than tol outside its argmax (else at max_depth)."""
+    model = tiny_model("arith")
+    ids = prompts(B=8)
+    D = 12
+    with torch.no_grad():
+        miss = torch.stack([1 - model(ids, n_free=d, n_grad=0).logits[:, -1].float().softmax(-1).amax(-1)
+                            for d in range(1, D + 1)])  # [D, B]: mass outside the top token
+    tol = float(miss.median())
+    below = miss < tol
+    want = torch.where(below.any(0), below.int().argmax(0) + 1, torch.full_like(below[0], D, dtype=torch.long))
+    assert len(set(want.tolist())) > 1  # the rows stop at different depths: the test can tell them apart
+    res = generate(model, ids, max_new_tokens=1, exit="confidence", tol=tol, max_depth=D, cache=cache)
+    assert res.loops[:, 0].tolist() == want.tolist()
+    assert res.probe_evals == int(want.max())  # one coda pass per iteration of the batch
+
+
+def test_confidence_tolerance_must_leave_mass_outside_the_top_token():
+    from stars_scale.errors import UserError
+    from stars_scale.eval.exit_accuracy import parse_tols
+    from stars_scale.generate import make_rule
+
+    assert make_rule("confidence", tol=0.05).tol == 0.05
+    for bad in (0.0, 1.0, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="confidence needs a tolerance"):
+            make_rule("confidence", tol=bad)
+    with pytest.raises(ValueError, match="confidence needs a tolerance"):
+        GenerateOptions(max_new_tokens=1, exit="confidence", tol=1.0).validate()
+    with pytest.raises(UserError, match="--tol: 'confidence=1'"):
+        parse_tols("confidence=1", ["confidence", "kl"])
+    assert parse_tols("0.01", ["confidence", "kl"]) == [("confidence", 0.01), ("kl", 0.01)]
+
+
 def test_adaptive_exit_cached_equals_uncached_when_every_token_exits_at_the_same_depth():
     model = tiny_model("arith")
     ids = prompts(B=1)

@@ -302,6 +302,7 @@ def converted(tmp_path_factory):
     (["--device", "xpu"], "--device"), (["--device", "meta"], "--device"), (["--device", "cpu:3"], "--device"),
     (["--seed", "1e23"], "--seed"), (["--seed", "100000000000000000000000"], "--seed"),
     (["--exit", "contraction", "--tol", "0.1", "--rho-iters", "-1"], "--rho-iters"),
+    (["--exit", "confidence", "--tol", "1"], "--tol"),
     (["--depth", "1000000000"], "--depth"), (["--exit", "delta", "--tol", "0.1", "--max-depth", "1e9"], "--max-depth"),
     (["--tol", "nan", "--exit", "delta"], "--tol"), (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--batch-size", "0"], "--batch-size"), (["--top-p", "nan"], "--top-p"),

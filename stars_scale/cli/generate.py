@@ -38,7 +38,7 @@ def add_generation_args(p: argparse.ArgumentParser, depth_required: bool = False
 def options_from_args(args, run, max_new_tokens: int, eos_id, *, temperature=0.0, top_k=None, top_p=None,
                       seed=0):
     from stars_scale.errors import UserError
-    from stars_scale.generate import GenerateOptions
+    from stars_scale.generate import GenerateOptions, make_rule
     from stars_scale.generate.load import default_depth
 
     if args.exit not in (None, "fixed") and args.depth is not None:
@@ -50,12 +50,15 @@ def options_from_args(args, run, max_new_tokens: int, eos_id, *, temperature=0.0
                            max_depth=args.max_depth, rho_iters=args.rho_iters, cache=args.cache,
                            cache_slots=args.cache_slots, warm_start=args.warm_start, temperature=temperature,
                            top_k=top_k, top_p=top_p, eos_id=eos_id, seed=seed)
+    if opts.exit != "fixed":
+        try:
+            make_rule(opts.exit, tol=opts.tol)  # the rule's own bounds on its tolerance
+        except ValueError as e:
+            raise UserError(f"--tol: {e}") from None
     try:
         opts.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    if opts.exit != "fixed" and not opts.tol > 0:
-        raise UserError(f"--tol: must be > 0, got {opts.tol}")
     return opts
 
 

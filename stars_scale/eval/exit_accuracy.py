@@ -19,7 +19,7 @@ import torch
 
 from stars_scale.errors import UserError
 from stars_scale.eval.depth_scaling import accuracy_and_loops
-from stars_scale.generate import GenerateOptions, generate
+from stars_scale.generate import GenerateOptions, generate, make_rule
 from stars_scale.utils import atomic_write
 
 
@@ -32,11 +32,14 @@ def parse_tols(text: str, rules: list[str]) -> list[tuple[str, float]]:
             tol = float(val)
         except ValueError:
             raise UserError(f"--tol: {item!r} is not a number or RULE=NUMBER") from None
-        if not tol > 0:
-            raise UserError(f"--tol: {item!r} must be > 0")
         if name and name not in rules:
             raise UserError(f"--tol: {item!r} names rule {name!r}, which is not in --exit {','.join(rules)}")
-        out += [(name, tol)] if name else [(r, tol) for r in rules]
+        for rule in [name] if name else rules:
+            try:
+                make_rule(rule, tol=tol)  # the rule's own bounds on its tolerance
+            except ValueError as e:
+                raise UserError(f"--tol: {item!r}: {e}") from None
+            out.append((rule, tol))
     if not out:
         raise UserError("--tol: expected a tolerance")
     missing = [r for r in rules if r not in {n for n, _ in out}]
@@ -116,7 +119,7 @@ def plot_accuracy_vs_loops(fixed: dict, rules: list[dict], path: Path, title: st
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(fixed["depths"], [100 * a for a in fixed["accuracy"]], "k-o", label="fixed depth r", ms=4)
-    markers = {"delta": "s", "kl": "^", "contraction": "*", "fixed": "o"}
+    markers = {"delta": "s", "kl": "^", "confidence": "D", "contraction": "*", "fixed": "o"}
     by_rule: dict[str, list[dict]] = {}
     for r in rules:
         by_rule.setdefault(r["rule"], []).append(r)

@@ -61,8 +61,7 @@ class StarsLM(LM):
                                     max_depth=int(max_depth), cache=cache, cache_slots=int(cache_slots),
                                     rho_iters=int(rho_iters), warm_start=_bool(warm_start), eos_id=codec.eos_id)
         try:
-            self.opts.validate()
-            self.opts.rule()
+            self.opts.validate()  # the exit rule's own checks included
         except ValueError as e:
             raise UserError(f"stars model args: {e}") from None
         self.max_len = model.cfg.max_seq_len

@@ -8,6 +8,11 @@ generator's max_depth):
 - `delta`:       ‖h_t − h_{t−1}‖ / ‖h_t‖ < tol.
 - `kl`:          KL(p_t ‖ p_{t−1}) < tol between the next-token distributions decoded from h_t
                  and h_{t−1} (Huginn's criterion). Costs one extra coda pass per iteration.
+- `confidence`:  1 − max_v p_t(v) < tol: the next-token distribution decoded from h_t puts all but
+                 tol of its mass on one token (the confidence exit of Schuster et al. 2022, CALM).
+                 Costs one extra coda pass per iteration, may stop after one, and trusts the
+                 model's calibration: where that fails (problems harder than any trained on) it
+                 stops confident and wrong.
 - `contraction`: treat the core map as a contraction near its fixed point h*. With L the local
                  Lipschitz constant of f, the a-posteriori bound of Banach's theorem is
                      ‖h_t − h*‖ ≤ L / (1 − L) · ‖h_t − h_{t−1}‖.
@@ -30,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-RULES = ("fixed", "delta", "kl", "contraction")
+RULES = ("fixed", "delta", "kl", "confidence", "contraction")
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +106,20 @@ class KL(ExitRule):
         return kl < self.tol
 
 
+class Confidence(ExitRule):
+    name = "confidence"
+
+    def __init__(self, tol: float):
+        if not tol < 1:
+            raise ValueError(f"exit rule confidence needs a tolerance in (0, 1), got {tol}")
+        self.tol = tol
+
+    def converged(self, v: StepView) -> torch.Tensor:
+        p = F.softmax(v.decode(v.s).float(), dim=-1)
+        self.probe_evals += 1
+        return 1 - p.amax(-1) < self.tol
+
+
 class Contraction(ExitRule):
     name = "contraction"
 
@@ -157,4 +176,6 @@ def make_rule(name: str, *, depth: int | None = None, tol: float | None = None, 
         return Delta(tol)
     if name == "kl":
         return KL(tol)
+    if name == "confidence":
+        return Confidence(tol)
     return Contraction(tol, rho_iters)

@@ -92,6 +92,7 @@ class GenerateOptions:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        self.rule()  # the rule's own checks: a known name, a tolerance it accepts
 
     def rule(self) -> tuple[ExitRule, int]:
         if self.exit == "fixed":
