@@ -16,7 +16,7 @@ e2h:  trains configs/chains_e2h.yaml (the main job's task and model, trained on 
       reaching 90% per difficulty, and the issue's targets (that depth grows with difficulty;
       on n+1..1.5n the best depth's accuracy >= 2x the accuracy at the training mean depth; >= 80%
       at n+1). Heatmaps: docs/chains_difficulty_{stars,fixed}.png (seed means).
-exit: `stars-eval depth --exit contraction,delta,kl --difficulty LO..n` on the first main-job model:
+exit: `stars-eval depth --exit contraction,delta,kl,confidence --difficulty LO..n` on the first main-job model:
       a test set mixed evenly over the main job's training difficulties (its scored test set holds
       the hard ones only); each rule against the smallest fixed depth within 0.5 points of the
       best and against the sweep's oracle (each problem at its first right depth), overall and per
@@ -30,6 +30,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MAIN = "chains_tiny"
 E2H, E2H_FIXED = "chains_e2h", "chains_e2h_fixed"
 E2H_DEPTHS = [1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 48, 64]
-EXIT_TOLS = "contraction=0.1,contraction=0.03,contraction=0.01,delta=0.1,delta=0.01,kl=1e-2,kl=1e-3"
+EXIT_RULES = "contraction,delta,kl,confidence"
+EXIT_TOLS = ("contraction=0.1,contraction=0.03,contraction=0.01,delta=0.1,delta=0.01,kl=1e-2,kl=1e-3,"
+             "confidence=0.05,confidence=0.01,confidence=1e-3")
 
 
 def run_dir(out: Path, name: str, seed: int, threads: int) -> Path:
@@ -180,10 +183,15 @@ def main() -> None:
     if "exit" in parts:
         rdir = run_dir(out, MAIN, seeds[0], threads[0])
         ev = rdir / "exit"
-        if not (ev / "depth_scaling.json").is_file():
+        want = sorted((rule, float(tol)) for rule, _, tol in (x.rpartition("=") for x in EXIT_TOLS.split(",")))
+        done = ev / "depth_scaling.json"
+        if done.is_file() and sorted((x["rule"], x["tol"]) for x in
+                                     json.loads(done.read_text()).get("exit_rules", [])) != want:
+            ev.rename(ev.with_name(f"exit.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))  # other rules: kept, redone
+        if not done.is_file():
             eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64",
                      "--samples", str(args.exit_samples), "--difficulty", f"{lo}..{n}",
-                     "--exit", "contraction,delta,kl", "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
+                     "--exit", EXIT_RULES, "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
         from stars_scale.eval.exit_accuracy import summarise
 
         r = json.loads((ev / "depth_scaling.json").read_text())

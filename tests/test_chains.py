@@ -337,8 +337,8 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     res = _cli("stars_scale.cli.train", "--config", "cfg.yaml", "--out", "run", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     res = _cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--depths", "1,2,4", "--difficulty", "1..6",
-               "--samples", "36", "--out", "ev", "--no-mlflow", "--exit", "contraction,delta",
-               "--tol", "contraction=0.1,delta=0.05", cwd=tmp_path)
+               "--samples", "36", "--out", "ev", "--no-mlflow", "--exit", "contraction,delta,confidence",
+               "--tol", "contraction=0.1,delta=0.05,confidence=0.5", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     s = json.loads((tmp_path / "ev" / "difficulty_depth.json").read_text())
     assert s["difficulties"] == [1, 2, 3, 4, 5, 6] and s["depths"] == [1, 2, 4]
@@ -364,6 +364,17 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     table = (tmp_path / "ev" / "test_time.md").read_text()
     assert "| oracle: each problem at its first right depth |" in table and "| contraction tol=0.1 | " in table
     assert "Per group (difficulty)" in table and table.count("| oracle |") == 1
+    root = Path(__file__).resolve().parents[1]
+    floor = subprocess.run([sys.executable, str(root / "bench" / "exit_floor.py"), "run", "--difficulty", "1..6",
+                            "--samples", "36", "--max-depth", "4"], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=300, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert floor.returncode == 0, floor.stderr[-2000:]
+    rows = {ln.split(" | ")[0].strip("| "): float(ln.split(" | ")[1]) for ln in floor.stdout.splitlines()
+            if ln.startswith("| ") and ln[2:3].isalpha() and "floor" not in ln}
+    assert len(rows) == 4 and "36 problems, difficulty 1..6, 72 answer tokens" in floor.stdout
+    settled = rows["settled, per token"]
+    assert 1 <= settled <= rows["settled, per token, t >= 2 (rules comparing two loops)"] <= 5
+    assert abs(rows["settled + 1, per token"] - settled - 1) < 0.011
     for bad, msg in [("0..3", "--difficulty"), ("1..7", "data.statements=8")]:
         res = _cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--difficulty", bad, "--no-mlflow",
                    "--out", "bad", cwd=tmp_path)
@@ -376,6 +387,14 @@ def test_train_eval_difficulty_and_generate_cli(tmp_path):
     assert len(out["tokens"]) >= 1 and len(out["loops"]) == len(out["tokens"])
     res = _cli("stars_scale.cli.generate", "--checkpoint", "run", "--prompt", "a=b", cwd=tmp_path)
     assert res.returncode == 2 and "chains vocabulary" in res.stderr
+
+
+def test_exit_floor_settled_depth_by_hand():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from exit_floor import settled_depth
+
+    right = torch.tensor([[1, 0, 0, 1], [0, 1, 0, 1], [1, 1, 0, 1]], dtype=torch.bool)  # depths 1..3, 4 tokens
+    assert settled_depth(right).tolist() == [3, 2, 4, 1]  # 4 = D + 1: never settled
 
 
 def test_plain_control_bench_runs_and_reports_every_difficulty():

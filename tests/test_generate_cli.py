@@ -84,21 +84,21 @@ def test_generate_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, ca
 def test_eval_depth_exit_rules_table_plot_and_json(tmp_path):
     write_run(tmp_path / "run", arith_run())
     res = cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--depths", "1,2,4", "--out", "ev",
-              "--exit", "all", "--tol", "delta=0.05,delta=0.2,kl=1e-3,contraction=0.05", "--max-depth", "8",
+              "--exit", "all", "--tol", "delta=0.05,delta=0.2,kl=1e-3,contraction=0.05,confidence=0.5", "--max-depth", "8",
               "--exit-rho-iters", "1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads((tmp_path / "ev" / "depth_scaling.json").read_text())
     rows = out["exit_rules"]
     assert [(r["rule"], r["tol"]) for r in rows] == [("delta", 0.05), ("delta", 0.2), ("kl", 1e-3),
-                                                     ("contraction", 0.05)]
+                                                     ("contraction", 0.05), ("confidence", 0.5)]
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 1 <= r["mean_loops"] <= r["p99_loops"] <= r["max_loops"] <= 8
         assert r["tokens"] >= 24  # every test prompt generated at least one token
     assert rows[0]["mean_loops"] >= rows[1]["mean_loops"]  # a looser tolerance never loops more
-    assert rows[2]["probe_evals"] > 0 and rows[3]["probe_evals"] > 0
+    assert rows[2]["probe_evals"] > 0 and rows[3]["probe_evals"] > 0 and rows[4]["probe_evals"] > 0
     assert (tmp_path / "ev" / "test_time.png").read_bytes()[:4] == b"\x89PNG"
     table = (tmp_path / "ev" / "test_time.md").read_text()
-    assert "| fixed r=4 |" in table and "| contraction tol=0.05 |" in table
+    assert "| fixed r=4 |" in table and "| contraction tol=0.05 |" in table and "| confidence tol=0.5 |" in table
     assert out["oracle_exit"]["accuracy"] >= max(out["accuracy"]) and "by_group" not in rows[0]
     assert "| oracle: each problem at its first right depth |" in table and "Per group" not in table
     res = cli("stars_scale.cli.eval", "depth", "--checkpoint", "run", "--depths", "1", "--exit", "delta",

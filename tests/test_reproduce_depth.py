@@ -34,7 +34,7 @@ def test_reproduce_depth_tiny(tmp_path):
         assert set(seed["best_over_train_depth_on_n+1..1.5n"]) == {"5", "6"}
         assert (tmp_path / "docs" / f"chains_difficulty_{label}.png").stat().st_size > 5_000
     ex = table["exit"]
-    assert {r["rule"] for r in ex["rules"]} == {"contraction", "delta", "kl"} and len(ex["rules"]) == 7
+    assert {r["rule"] for r in ex["rules"]} == {"contraction", "delta", "kl", "confidence"} and len(ex["rules"]) == 10
     assert ex["oracle"]["accuracy"] >= ex["best_fixed"] and set(ex["oracle"]["by_group"]) == {str(k) for k in range(1, 7)}
     assert all(set(r["by_group"]) == set(ex["oracle"]["by_group"]) for r in ex["rules"])
     assert ex["smallest_fixed_within_0.5pt"] in ex["fixed"] or str(ex["smallest_fixed_within_0.5pt"]) in ex["fixed"]
