@@ -32,6 +32,7 @@ def main() -> None:
     from stars_scale.loss import IGNORE
     from stars_scale.data.chains import parse_difficulty
     from stars_scale.data.sources import build_task
+    from stars_scale.eval.depth_scaling import oracle_exit
     from stars_scale.generate.load import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -58,9 +59,9 @@ def main() -> None:
     best = float(acc.max())
     ref = int((acc >= best - 0.005).nonzero()[0]) + 1
     ntok = mask.sum(1).double()
-    first = torch.where(problem_right.any(0), problem_right.int().argmax(0) + 1, args.max_depth).double()
+    oracle = oracle_exit(list(range(1, args.max_depth + 1)), dict(enumerate(problem_right, 1)), tokens=ntok)
     tok = settled_depth(R)[mask].double()
-    rows = [("oracle, per problem (first right depth)", float((first * ntok).sum() / ntok.sum())),
+    rows = [("oracle, per problem (first right depth)", oracle["mean_loops"]),
             ("settled, per token", float(tok.mean())),
             ("settled, per token, t >= 2 (rules comparing two loops)", float(tok.clamp_min(2).mean())),
             ("settled + 1, per token", float((tok + 1).mean()))]

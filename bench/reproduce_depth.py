@@ -183,7 +183,9 @@ def main() -> None:
     if "exit" in parts:
         rdir = run_dir(out, MAIN, seeds[0], threads[0])
         ev = rdir / "exit"
-        want = sorted((rule, float(tol)) for rule, _, tol in (x.rpartition("=") for x in EXIT_TOLS.split(",")))
+        from stars_scale.eval.exit_accuracy import parse_tols, summarise
+
+        want = sorted(parse_tols(EXIT_TOLS, EXIT_RULES.split(",")))
         done = ev / "depth_scaling.json"
         if done.is_file() and sorted((x["rule"], x["tol"]) for x in
                                      json.loads(done.read_text()).get("exit_rules", [])) != want:
@@ -192,7 +194,6 @@ def main() -> None:
             eval_cli("--checkpoint", str(rdir), "--depths", "1,2,3,4,5,6,8,16,32,64",
                      "--samples", str(args.exit_samples), "--difficulty", f"{lo}..{n}",
                      "--exit", EXIT_RULES, "--tol", EXIT_TOLS, "--max-depth", "64", "--out", str(ev))
-        from stars_scale.eval.exit_accuracy import summarise
 
         r = json.loads((ev / "depth_scaling.json").read_text())
         best = max(r["accuracy"])

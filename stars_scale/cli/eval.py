@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_lm_parser(sub) -> None:
     from stars_scale.cli.flags import float_flag, int_flag
-    from stars_scale.generate.exit_rules import RULES
+    from stars_scale.generate.exit_rules import ADAPTIVE
 
     lm = sub.add_parser("lm", help="lm-evaluation-harness tasks against loop depth (needs the eval extra)")
     lm.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir or converted dir")
     lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     lm.add_argument("--depths", type=parse_depths, default="4,8,16,32",
                     help="fixed depths (with --exit: the max depth of each run)")
-    lm.add_argument("--exit", default=None, choices=[r for r in RULES if r != "fixed"], help="per-token exit rule")
+    lm.add_argument("--exit", default=None, choices=ADAPTIVE, help="per-token exit rule")
     lm.add_argument("--tol", type=float_flag(0.0, lo_open=True), default=None, help="exit-rule tolerance")
     lm.add_argument("--limit", type=float_flag(0.0, lo_open=True), default=None,
                     help="examples per task (or a fraction < 1)")
@@ -88,9 +88,10 @@ def add_lm_parser(sub) -> None:
 def add_exit_args(d: argparse.ArgumentParser) -> None:
     """`depth --exit RULES --tol T`: greedy generation under per-token exit rules (arithmetic, chains)."""
     from stars_scale.cli.flags import int_flag
+    from stars_scale.generate.exit_rules import ADAPTIVE
 
     d.add_argument("--exit", default=None,
-                   help="comma-separated exit rules to evaluate next to the fixed depths: delta,kl,confidence,contraction "
+                   help=f"comma-separated exit rules to evaluate next to the fixed depths: {','.join(ADAPTIVE)} "
                         "(or all); reports accuracy and mean/p99 loops per generated token")
     d.add_argument("--tol", default=None, help="tolerance for every rule, or RULE=T,... (repeat a rule to sweep)")
     d.add_argument("--max-depth", type=int_flag("depth"), default=None,
@@ -265,16 +266,16 @@ def _exit_rules(args, cfg, model, batch, has_acc: bool, results: dict, out: Path
     from stars_scale.data.sources import build_task
     from stars_scale.errors import UserError
     from stars_scale.eval.exit_accuracy import exit_rule_eval, format_table, parse_tols, plot_accuracy_vs_loops
-    from stars_scale.generate.exit_rules import RULES
+    from stars_scale.generate.exit_rules import ADAPTIVE
     from stars_scale.utils import atomic_write_text
 
     if not has_acc or cfg.data.kind not in ("arithmetic", "chains"):
         raise UserError("--exit: needs a model trained on the arithmetic or chains task (exact-match answers); "
                         "for text benchmarks use `stars-eval lm --exit`")
-    rules = [r for r in RULES if r != "fixed"] if args.exit == "all" else [r.strip() for r in args.exit.split(",")]
+    rules = list(ADAPTIVE) if args.exit == "all" else [r.strip() for r in args.exit.split(",")]
     for r in rules:
-        if r not in RULES or r == "fixed":
-            raise UserError(f"--exit: unknown rule {r!r} (expected {', '.join(x for x in RULES if x != 'fixed')} or all)")
+        if r not in ADAPTIVE:
+            raise UserError(f"--exit: unknown rule {r!r} (expected {', '.join(ADAPTIVE)} or all)")
     if args.tol is None:
         raise UserError("--exit: needs --tol")
     settings = parse_tols(args.tol, rules)

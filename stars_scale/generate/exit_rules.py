@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 RULES = ("fixed", "delta", "kl", "confidence", "contraction")
+ADAPTIVE = RULES[1:]  # the rules that decide per token when to stop (all but `fixed`)
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
